@@ -1,0 +1,19 @@
+// Portable scalar helpers for math shared by the CPU and CUDA kernels.
+// The *_math.h headers are templates over a value type T: float or double on the device and in the
+// CPU tails, at::vec::Vectorized<float/double> in the CPU main loops (csrc/common/vec_map.h adds the
+// overloads for those). Only + - * / and the helpers below may be used inside them.
+#pragma once
+#include <c10/macros/Macros.h>
+#include <cmath>
+
+namespace torchfast {
+
+C10_HOST_DEVICE inline float tf_sqrt(float x) { return ::sqrtf(x); }
+C10_HOST_DEVICE inline double tf_sqrt(double x) { return ::sqrt(x); }
+C10_HOST_DEVICE inline float tf_max(float a, float b) {
+  // NaN-propagating, like torch.maximum.
+  return (a != a || a > b) ? a : b;
+}
+C10_HOST_DEVICE inline double tf_max(double a, double b) { return (a != a || a > b) ? a : b; }
+
+}  // namespace torchfast

@@ -1,0 +1,100 @@
+// CPU kernel of torchfast::fused_adam_ (Adam and AdamW): one parallel region over all
+// (tensor, chunk) pairs, Vectorized fp32 math (fp64 for fp64 params).
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <array>
+#include <vector>
+
+#include "common/multi_tensor_cpu.h"
+#include "common/tensor_lists.h"
+#include "common/vec_map.h"
+#include "optim/adam_math.h"
+#include "optim/optim_cpu_common.h"
+
+namespace torchfast {
+namespace {
+
+constexpr const char* kOp = "torchfast.fused_adam_";
+
+struct AdamTensorWork {
+  at::ScalarType dtype;
+  void *param, *grad, *exp_avg, *exp_avg_sq, *max_exp_avg_sq;
+  AdamStepCoeffs coeffs;
+};
+
+template <typename scalar_t>
+void adam_chunk(const AdamTensorWork& w, int64_t begin, int64_t end, const AdamHyper& h, double lr, bool has_scale,
+                double scale) {
+  auto at_offset = [begin](void* p) { return p ? static_cast<scalar_t*>(p) + begin : nullptr; };
+  // streams: 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq, 4 max_exp_avg_sq
+  std::array<scalar_t*, 5> ptrs = {at_offset(w.param), at_offset(w.grad), at_offset(w.exp_avg),
+                                   at_offset(w.exp_avg_sq), at_offset(w.max_exp_avg_sq)};
+  uint32_t store = 0b01101u | (h.amsgrad ? 0b10000u : 0u) | (has_scale ? 0b00010u : 0u);
+  map_streams<scalar_t, 5>(ptrs, store, end - begin, [&](auto& x) {
+    using V = std::decay_t<decltype(x[0])>;
+    if (has_scale) x[1] = x[1] / V(scale);  // unscaled grads are written back, as torch's fused Adam does
+    adam_update(x[0], x[1], x[2], x[3], x[4], h, lr, w.coeffs);
+  });
+}
+
+void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                    at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr, double beta1, double beta2,
+                    double weight_decay, double eps, bool amsgrad, bool maximize, bool decoupled_weight_decay,
+                    const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf) {
+  const size_t n = params.size();
+  check_list_length(kOp, "grads", grads, n);
+  check_list_length(kOp, "exp_avgs", exp_avgs, n);
+  check_list_length(kOp, "exp_avg_sqs", exp_avg_sqs, n);
+  check_list_length(kOp, "state_steps", state_steps, n);
+  check_list_length(kOp, "max_exp_avg_sqs", max_exp_avg_sqs, amsgrad ? n : 0);
+  if (n == 0) return;
+
+  double scale;
+  bool has_scale;
+  if (resolve_amp(kOp, grad_scale, found_inf, scale, has_scale)) return;  // inf/nan grads: skip the step
+  const double lr_value = resolve_lr(kOp, lr, lr_tensor);
+  const AdamHyper h{lr_value, beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay};
+
+  const at::Device device = params[0].device();
+  LayoutStager stager;
+  std::vector<AdamTensorWork> work(n);
+  std::vector<int64_t> numels(n);
+  for (size_t i = 0; i < n; ++i) {
+    check_param(kOp, i, params[i], device);
+    check_like_param(kOp, "grads", i, grads[i], params[i]);
+    check_like_param(kOp, "exp_avgs", i, exp_avgs[i], params[i]);
+    check_like_param(kOp, "exp_avg_sqs", i, exp_avg_sqs[i], params[i]);
+    if (amsgrad) check_like_param(kOp, "max_exp_avg_sqs", i, max_exp_avg_sqs[i], params[i]);
+    check_step(kOp, i, state_steps[i], device);
+  }
+  for (size_t i = 0; i < n; ++i) {  // validated in full before anything is written
+    const double step = increment_step(state_steps[i]);
+    numels[i] = params[i].numel();
+    if (numels[i] == 0) continue;
+    const at::Tensor p = stager.reference(params[i]);
+    AdamTensorWork& w = work[i];
+    w.dtype = p.scalar_type();
+    w.param = p.data_ptr();
+    w.grad = stager.like(grads[i], p, /*write_back=*/has_scale).data_ptr();
+    w.exp_avg = stager.like(exp_avgs[i], p, true).data_ptr();
+    w.exp_avg_sq = stager.like(exp_avg_sqs[i], p, true).data_ptr();
+    w.max_exp_avg_sq = amsgrad ? stager.like(max_exp_avg_sqs[i], p, true).data_ptr() : nullptr;
+    w.coeffs = adam_step_coeffs(h, lr_value, step);
+  }
+
+  parallel_over_chunks(split_into_chunks(numels), [&](const CpuChunk& c) {
+    const AdamTensorWork& w = work[c.tensor];
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.dtype, "fused_adam_cpu", [&] {
+      adam_chunk<scalar_t>(w, c.begin, c.end, h, lr_value, has_scale, scale);
+    });
+  });
+  stager.finish();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchfast, CPU, m) { m.impl("fused_adam_", &fused_adam_cpu); }
+
+}  // namespace torchfast

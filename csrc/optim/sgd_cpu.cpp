@@ -1,0 +1,85 @@
+// CPU kernel of torchfast::fused_sgd_: one parallel region over all (tensor, chunk) pairs,
+// Vectorized fp32 math (fp64 for fp64 params).
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <array>
+#include <vector>
+
+#include "common/multi_tensor_cpu.h"
+#include "common/tensor_lists.h"
+#include "common/vec_map.h"
+#include "optim/optim_cpu_common.h"
+#include "optim/sgd_math.h"
+
+namespace torchfast {
+namespace {
+
+constexpr const char* kOp = "torchfast.fused_sgd_";
+
+struct SgdTensorWork {
+  at::ScalarType dtype;
+  void *param, *grad, *momentum_buffer;
+};
+
+template <typename scalar_t>
+void sgd_chunk(const SgdTensorWork& w, int64_t begin, int64_t end, const SgdHyper& h, double lr, bool first_step,
+               bool has_scale, double scale) {
+  auto at_offset = [begin](void* p) { return p ? static_cast<scalar_t*>(p) + begin : nullptr; };
+  // streams: 0 param, 1 grad, 2 momentum_buffer
+  std::array<scalar_t*, 3> ptrs = {at_offset(w.param), at_offset(w.grad), at_offset(w.momentum_buffer)};
+  const uint32_t store = 0b001u | (h.momentum != 0 ? 0b100u : 0u) | (has_scale ? 0b010u : 0u);
+  map_streams<scalar_t, 3>(ptrs, store, end - begin, [&](auto& x) {
+    using V = std::decay_t<decltype(x[0])>;
+    if (has_scale) x[1] = x[1] / V(scale);
+    sgd_update(x[0], x[1], x[2], h, lr, first_step);
+  });
+}
+
+void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
+                   double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
+                   bool is_first_step, const std::optional<at::Tensor>& lr_tensor,
+                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  const size_t n = params.size();
+  const bool use_momentum = momentum != 0;
+  check_list_length(kOp, "grads", grads, n);
+  check_list_length(kOp, "momentum_buffers", momentum_buffers, use_momentum ? n : 0);
+  if (n == 0) return;
+
+  double scale;
+  bool has_scale;
+  if (resolve_amp(kOp, grad_scale, found_inf, scale, has_scale)) return;
+  const double lr_value = resolve_lr(kOp, lr, lr_tensor);
+  const SgdHyper h{momentum, dampening, weight_decay, nesterov, maximize};
+
+  const at::Device device = params[0].device();
+  for (size_t i = 0; i < n; ++i) {
+    check_param(kOp, i, params[i], device);
+    check_like_param(kOp, "grads", i, grads[i], params[i]);
+    if (use_momentum) check_like_param(kOp, "momentum_buffers", i, momentum_buffers[i], params[i]);
+  }
+  LayoutStager stager;
+  std::vector<SgdTensorWork> work(n);
+  std::vector<int64_t> numels(n);
+  for (size_t i = 0; i < n; ++i) {
+    numels[i] = params[i].numel();
+    if (numels[i] == 0) continue;
+    const at::Tensor p = stager.reference(params[i]);
+    work[i] = {p.scalar_type(), p.data_ptr(), stager.like(grads[i], p, has_scale).data_ptr(),
+               use_momentum ? stager.like(momentum_buffers[i], p, true).data_ptr() : nullptr};
+  }
+
+  parallel_over_chunks(split_into_chunks(numels), [&](const CpuChunk& c) {
+    const SgdTensorWork& w = work[c.tensor];
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.dtype, "fused_sgd_cpu", [&] {
+      sgd_chunk<scalar_t>(w, c.begin, c.end, h, lr_value, is_first_step, has_scale, scale);
+    });
+  });
+  stager.finish();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchfast, CPU, m) { m.impl("fused_sgd_", &fused_sgd_cpu); }
+
+}  // namespace torchfast

@@ -1,0 +1,35 @@
+// Every torchfast operator's schema, in one place: read this file as the API of the kernels.
+// Per-device implementations live in csrc/<family>/<op>_{cpu.cpp,cuda.cu}; the Python face of
+// each family (fake/autograd registrations and the reference fallback) in torchfast/ops/.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(torchfast, m) {
+  // ---- optimizers (csrc/optim) -------------------------------------------------------------
+  // One call updates a whole list of parameters; tensors of mixed dtypes (fp32/fp16/bf16) may
+  // share a call, but each parameter's grad and state have its dtype. Math is fp32.
+  // state_steps are float32 scalars on the parameters' device; the kernel increments them.
+  // lr_tensor, when given, overrides lr (a device tensor avoids a host sync on CUDA).
+  // grad_scale/found_inf come from torch.amp.GradScaler: grads are unscaled in place, and the
+  // whole step (step counts included) is skipped when found_inf is non-zero.
+  m.def(
+      "fused_adam_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, *, "
+      "float lr, float beta1, float beta2, float weight_decay, float eps, bool amsgrad, "
+      "bool maximize, bool decoupled_weight_decay, Tensor? lr_tensor=None, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // momentum_buffers is empty when momentum == 0. is_first_step: the buffers are uninitialised
+  // and take the (decayed) gradient itself, as torch.optim.SGD does on its first step.
+  m.def(
+      "fused_sgd_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, *, "
+      "float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
+      "bool maximize, bool is_first_step, Tensor? lr_tensor=None, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
+}
+
+// The library is loaded with torch.ops.load_library; this stub only makes the file importable
+// as a Python extension module as well.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

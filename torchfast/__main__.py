@@ -1,0 +1,5 @@
+import sys
+
+from torchfast.cli import main
+
+sys.exit(main())

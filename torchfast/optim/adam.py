@@ -1,0 +1,85 @@
+"""Drop-in fused Adam and AdamW: same arguments, param_groups and state_dict as torch.optim."""
+from __future__ import annotations
+
+import torch
+
+from torchfast.ops import optim as ops
+from torchfast.optim._base import FusedOptimizer, check_lr, check_unsupported, lr_arguments, scalar_dtype
+
+
+class Adam(FusedOptimizer):
+    """torch.optim.Adam with every parameter of a group updated by one fused kernel call.
+
+    State per parameter, as torch.optim.Adam keeps it: `step` (a float32 scalar tensor on the
+    parameter's device), `exp_avg`, `exp_avg_sq` and, with amsgrad, `max_exp_avg_sq`.
+    `foreach`, `fused` and `capturable` are accepted and kept in the param groups for state_dict
+    compatibility; the step is always the fused one.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
+                 foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
+                 decoupled_weight_decay=False):
+        check_lr(lr)
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        check_unsupported(type(self).__name__, differentiable)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                        foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(params, defaults)
+
+    def _group_tensors(self, group):
+        params = self._params_with_grad(group)
+        grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], []
+        amsgrad = group["amsgrad"]
+        for p in params:
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.zeros((), dtype=scalar_dtype(), device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if amsgrad:
+                if "max_exp_avg_sq" not in state:
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        return params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale, found_inf = self._amp_arguments()
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = self._group_tensors(group)
+            if not params:
+                continue
+            lr, lr_tensor = lr_arguments(group["lr"], params[0].device)
+            beta1, beta2 = group["betas"]
+            ops.fused_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr,
+                            beta1=float(beta1), beta2=float(beta2), weight_decay=float(group["weight_decay"]),
+                            eps=float(group["eps"]), amsgrad=bool(group["amsgrad"]), maximize=bool(group["maximize"]),
+                            decoupled_weight_decay=bool(group.get("decoupled_weight_decay", False)),
+                            lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)
+        return loss
+
+
+class AdamW(Adam):
+    """torch.optim.AdamW (Adam with decoupled weight decay, default weight_decay=1e-2), fused."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 foreach=None, maximize=False, capturable=False, differentiable=False, fused=None):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                         foreach=foreach, maximize=maximize, capturable=capturable, differentiable=differentiable,
+                         fused=fused, decoupled_weight_decay=True)

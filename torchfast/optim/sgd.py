@@ -1,0 +1,67 @@
+"""Drop-in fused SGD: same arguments, param_groups and state_dict as torch.optim.SGD."""
+from __future__ import annotations
+
+import torch
+
+from torchfast.ops import optim as ops
+from torchfast.optim._base import FusedOptimizer, check_lr, check_unsupported, lr_arguments
+
+
+class SGD(FusedOptimizer):
+    """torch.optim.SGD with every parameter of a group updated by one fused kernel call.
+
+    State per parameter, as torch.optim.SGD keeps it: `momentum_buffer` when momentum != 0 (created
+    from the first gradient, as torch does).
+    """
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
+                 maximize=False, foreach=None, differentiable=False, fused=None):
+        check_lr(lr)
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError(f"Nesterov momentum requires a momentum and zero dampening "
+                             f"(got momentum={momentum}, dampening={dampening})")
+        check_unsupported(type(self).__name__, differentiable)
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                        maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale, found_inf = self._amp_arguments()
+        for group in self.param_groups:
+            params = self._params_with_grad(group)
+            if not params:
+                continue
+            momentum = float(group["momentum"])
+            lr, lr_tensor = lr_arguments(group["lr"], params[0].device)
+            hyper = dict(lr=lr, momentum=momentum, dampening=float(group["dampening"]),
+                         weight_decay=float(group["weight_decay"]), nesterov=bool(group["nesterov"]),
+                         maximize=bool(group["maximize"]), lr_tensor=lr_tensor, grad_scale=grad_scale,
+                         found_inf=found_inf)
+            if momentum == 0:
+                ops.fused_sgd_(params, [p.grad for p in params], [], is_first_step=False, **hyper)
+                continue
+            # Parameters with a momentum buffer take the ordinary update; the others (first step, or a
+            # parameter that had no grad until now) start their buffer from the gradient.
+            ongoing, starting = [], []
+            for p in params:
+                (ongoing if "momentum_buffer" in self.state[p] else starting).append(p)
+            if ongoing:
+                ops.fused_sgd_(ongoing, [p.grad for p in ongoing],
+                               [self.state[p]["momentum_buffer"] for p in ongoing], is_first_step=False, **hyper)
+            # A skipped AMP step must not leave uninitialised buffers behind: read found_inf on the host
+            # here, which syncs only on the steps that create buffers (normally the first).
+            if starting and not (found_inf is not None and bool(found_inf)):
+                buffers = [torch.empty_like(p, memory_format=torch.preserve_format) for p in starting]
+                ops.fused_sgd_(starting, [p.grad for p in starting], buffers, is_first_step=True, **hyper)
+                for p, buf in zip(starting, buffers):
+                    self.state[p]["momentum_buffer"] = buf
+        return loss
