@@ -4,6 +4,7 @@
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
+#include <deque>
 #include <utility>
 #include <vector>
 
@@ -48,18 +49,22 @@ inline void check_step(const char* op, size_t i, const at::Tensor& s, const at::
 
 // The kernels treat every tensor as flat memory laid out like its parameter. A tensor whose layout
 // differs (a non-contiguous grad, a param that is itself a strided view) is staged into a dense
-// copy with the reference layout and, if the op writes it, copied back afterwards.
+// copy with the reference layout and, if the op writes it, copied back by finish(). The fast path
+// (everything dense and alike) copies no Tensor handles: it runs once per tensor per step.
 class LayoutStager {
  public:
-  // The layout the kernel will use for parameter `param`: itself when dense, else a contiguous copy.
-  at::Tensor reference(const at::Tensor& param) {
-    if (param.is_non_overlapping_and_dense()) return param;
-    return stage_as(param, param.contiguous(), /*write_back=*/true);
+  // The tensor whose layout the kernel uses for a parameter: itself when dense, else a contiguous
+  // staged copy. The reference stays valid until finish().
+  const at::Tensor& reference(const at::Tensor& param) {
+    if (param.is_contiguous() || param.is_non_overlapping_and_dense()) return param;
+    return stage(param, param.contiguous(), /*write_back=*/true);
   }
-  // `t` with the layout of `ref` (t itself when it already has it).
-  at::Tensor like(const at::Tensor& t, const at::Tensor& ref, bool write_back) {
-    if (t.is_non_overlapping_and_dense() && t.strides() == ref.strides()) return t;
-    return stage_as(t, at::empty_like(ref).copy_(t), write_back);
+  // Data pointer of `t` laid out like `ref` (t's own memory when it already is).
+  void* data_like(const at::Tensor& t, const at::Tensor& ref, bool write_back) {
+    if ((t.is_contiguous() && ref.is_contiguous()) ||
+        (t.is_non_overlapping_and_dense() && t.strides() == ref.strides()))
+      return t.data_ptr();
+    return stage(t, at::empty_like(ref).copy_(t), write_back).data_ptr();
   }
   void finish() {
     for (auto& s : staged_)
@@ -72,11 +77,11 @@ class LayoutStager {
     at::Tensor original, work;  // work stays alive here until finish(): the kernel holds raw pointers
     bool write_back;
   };
-  at::Tensor stage_as(const at::Tensor& original, at::Tensor work, bool write_back) {
-    staged_.push_back({original, work, write_back});
-    return work;
+  const at::Tensor& stage(const at::Tensor& original, at::Tensor work, bool write_back) {
+    staged_.push_back({original, std::move(work), write_back});
+    return staged_.back().work;
   }
-  std::vector<Staged> staged_;
+  std::deque<Staged> staged_;  // deque: references to earlier entries survive push_back
 };
 
 }  // namespace torchfast

@@ -73,14 +73,14 @@ void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     const double step = increment_step(state_steps[i]);
     numels[i] = params[i].numel();
     if (numels[i] == 0) continue;
-    const at::Tensor p = stager.reference(params[i]);
+    const at::Tensor& p = stager.reference(params[i]);
     AdamTensorWork& w = work[i];
     w.dtype = p.scalar_type();
     w.param = p.data_ptr();
-    w.grad = stager.like(grads[i], p, /*write_back=*/has_scale).data_ptr();
-    w.exp_avg = stager.like(exp_avgs[i], p, true).data_ptr();
-    w.exp_avg_sq = stager.like(exp_avg_sqs[i], p, true).data_ptr();
-    w.max_exp_avg_sq = amsgrad ? stager.like(max_exp_avg_sqs[i], p, true).data_ptr() : nullptr;
+    w.grad = stager.data_like(grads[i], p, /*write_back=*/has_scale);
+    w.exp_avg = stager.data_like(exp_avgs[i], p, true);
+    w.exp_avg_sq = stager.data_like(exp_avg_sqs[i], p, true);
+    w.max_exp_avg_sq = amsgrad ? stager.data_like(max_exp_avg_sqs[i], p, true) : nullptr;
     w.coeffs = adam_step_coeffs(h, lr_value, step);
   }
 

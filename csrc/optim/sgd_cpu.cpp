@@ -64,9 +64,9 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   for (size_t i = 0; i < n; ++i) {
     numels[i] = params[i].numel();
     if (numels[i] == 0) continue;
-    const at::Tensor p = stager.reference(params[i]);
-    work[i] = {p.scalar_type(), p.data_ptr(), stager.like(grads[i], p, has_scale).data_ptr(),
-               use_momentum ? stager.like(momentum_buffers[i], p, true).data_ptr() : nullptr};
+    const at::Tensor& p = stager.reference(params[i]);
+    work[i] = {p.scalar_type(), p.data_ptr(), stager.data_like(grads[i], p, has_scale),
+               use_momentum ? stager.data_like(momentum_buffers[i], p, true) : nullptr};
   }
 
   parallel_over_chunks(split_into_chunks(numels), [&](const CpuChunk& c) {
