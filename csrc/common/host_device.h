@@ -5,8 +5,13 @@
 #pragma once
 #include <c10/macros/Macros.h>
 #include <cmath>
+#include <type_traits>
 
 namespace torchfast {
+
+// Compute type: fp32 for fp32/fp16/bf16 tensors, fp64 for fp64 ones.
+template <typename scalar_t>
+using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 C10_HOST_DEVICE inline float tf_sqrt(float x) { return ::sqrtf(x); }
 C10_HOST_DEVICE inline double tf_sqrt(double x) { return ::sqrt(x); }

@@ -32,9 +32,6 @@ inline at::vec::Vectorized<T> tf_max(const at::vec::Vectorized<T>& a, const at::
   return at::vec::maximum(a, b);  // NaN-propagating
 }
 
-template <typename scalar_t>
-using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
 template <typename scalar_t, size_t N, typename F>
 inline void map_streams(const std::array<scalar_t*, N>& ptrs, uint32_t store_mask, int64_t n, F&& f) {
   using acc_t = acc_type_t<scalar_t>;

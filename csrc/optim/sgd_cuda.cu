@@ -1,0 +1,94 @@
+// CUDA kernel of torchfast::fused_sgd_: one launch per dtype present in the list (chunked
+// multi-tensor apply). lr, grad_scale and found_inf are read on the device: no host sync.
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <map>
+#include <vector>
+
+#include "common/multi_tensor_cuda.cuh"
+#include "common/tensor_lists.h"
+#include "optim/sgd_math.h"
+
+namespace torchfast {
+namespace {
+
+constexpr const char* kOp = "torchfast.fused_sgd_";
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kCudaBlockThreads)
+    sgd_kernel(const CudaTensorMeta* tensors, const CudaChunkMeta* chunks, SgdHyper h, double lr_value,
+               const float* lr_ptr, bool first_step, const float* grad_scale_ptr, const float* found_inf_ptr) {
+  using acc_t = acc_type_t<scalar_t>;
+  if (found_inf_ptr && *found_inf_ptr != 0.f) return;
+  const CudaChunkMeta c = chunks[blockIdx.x];
+  const CudaTensorMeta& t = tensors[c.tensor];
+  const double lr = lr_ptr ? static_cast<double>(*lr_ptr) : lr_value;
+  const bool has_scale = grad_scale_ptr != nullptr;
+  const acc_t scale = has_scale ? static_cast<acc_t>(*grad_scale_ptr) : acc_t(1);
+  // streams: 0 param, 1 grad, 2 momentum_buffer
+  const uint32_t store = 0b001u | (h.momentum != 0 ? 0b100u : 0u) | (has_scale ? 0b010u : 0u);
+  for_each_chunk_element<scalar_t, 3>(t, c.begin, store, [&](acc_t* x) {
+    if (has_scale) x[1] = x[1] / scale;
+    sgd_update<acc_t>(x[0], x[1], x[2], h, lr, first_step);
+  });
+}
+
+void fused_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
+                    double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
+                    bool is_first_step, const std::optional<at::Tensor>& lr_tensor,
+                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  const size_t n = params.size();
+  const bool use_momentum = momentum != 0;
+  check_list_length(kOp, "grads", grads, n);
+  check_list_length(kOp, "momentum_buffers", momentum_buffers, use_momentum ? n : 0);
+  if (n == 0) return;
+  const at::Device device = params[0].device();
+  for (size_t i = 0; i < n; ++i) {
+    check_param(kOp, i, params[i], device);
+    check_like_param(kOp, "grads", i, grads[i], params[i]);
+    if (use_momentum) check_like_param(kOp, "momentum_buffers", i, momentum_buffers[i], params[i]);
+  }
+  const c10::cuda::CUDAGuard guard(device);
+  std::vector<at::Tensor> keep_alive;
+  const float* lr_ptr = device_scalar_f32(lr_tensor, keep_alive, device, kOp, "lr_tensor");
+  const float* scale_ptr = device_scalar_f32(grad_scale, keep_alive, device, kOp, "grad_scale");
+  const float* inf_ptr = device_scalar_f32(found_inf, keep_alive, device, kOp, "found_inf");
+  const SgdHyper h{momentum, dampening, weight_decay, nesterov, maximize};
+
+  LayoutStager stager;
+  std::map<at::ScalarType, std::vector<CudaTensorMeta>> by_dtype;
+  for (size_t i = 0; i < n; ++i) {
+    if (params[i].numel() == 0) continue;
+    const at::Tensor& p = stager.reference(params[i]);
+    CudaTensorMeta m{};
+    m.ptr[0] = p.data_ptr();
+    m.ptr[1] = stager.data_like(grads[i], p, /*write_back=*/scale_ptr != nullptr);
+    m.ptr[2] = use_momentum ? stager.data_like(momentum_buffers[i], p, true) : nullptr;
+    m.numel = p.numel();
+    m.aligned = true;
+    for (void* ptr : m.ptr)
+      if (ptr && !is_aligned(ptr, p.element_size())) m.aligned = false;
+    by_dtype[p.scalar_type()].push_back(m);
+  }
+
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  for (const auto& [dtype, metas] : by_dtype) {
+    const CudaLaunchMeta launch = upload_launch_meta(metas, device);
+    if (launch.num_chunks == 0) continue;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fused_sgd_cuda", [&] {
+      sgd_kernel<scalar_t><<<launch.num_chunks, kCudaBlockThreads, 0, stream>>>(
+          launch.tensors, launch.chunks, h, lr, lr_ptr, is_first_step, scale_ptr, inf_ptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  stager.finish();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchfast, CUDA, m) { m.impl("fused_sgd_", &fused_sgd_cuda); }
+
+}  // namespace torchfast

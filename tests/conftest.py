@@ -1,0 +1,35 @@
+"""Shared test set-up: devices, per-dtype tolerances, and helpers."""
+import pytest
+import torch
+
+import torchfast
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# Per-dtype tolerances (rtol, atol), one place for every test.
+TOL = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (1e-6, 1e-6),
+    torch.float16: (5e-3, 5e-3),
+    torch.bfloat16: (3e-2, 3e-2),
+}
+
+
+def tol(dtype):
+    rtol, atol = TOL[dtype]
+    return {"rtol": rtol, "atol": atol}
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+def kernels_built(op: str, device: str) -> bool:
+    return torchfast._loader.has_kernel(op, device)
+
+
+def require_kernel(op: str, device: str):
+    """Skip (with the reason) when no compiled kernel serves this op on this device."""
+    if not kernels_built(op, device):
+        pytest.skip(f"no compiled {op} kernel for {device}: {torchfast._loader.STATE.reason}")
