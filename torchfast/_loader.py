@@ -97,6 +97,10 @@ def load() -> LoadState:
             if cpu_lib is not None:
                 torch.ops.load_library(_library_path(cpu_lib))
             STATE.cpu_library = cpu_lib
+            if cpu_lib is None:
+                warnings.warn(f"torchfast: no CPU kernel library was built for this CPU "
+                              f"({torch.backends.cpu.get_cpu_capability()}); CPU ops use the reference. "
+                              f"{REBUILD_HINT}", RuntimeWarning, stacklevel=3)
             STATE.kernels = _active_kernels()
             STATE.loaded = True
             STATE.reason = "loaded"

@@ -1,0 +1,112 @@
+"""Import, fallback and the `torchfast info` command."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import torchfast
+from torchfast import _loader
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_python(code, **env):
+    full_env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300)
+
+
+def test_info_reports_build_and_kernels():
+    info = torchfast.info()
+    assert info["torch"] == torch.__version__
+    assert set(info["kernels"]) == {"fused_adam_", "fused_sgd_"}
+    if info["kernels_loaded"]:
+        assert info["build"]["torch_version"] == torch.__version__
+        assert "cpu" in info["kernels"]["fused_adam_"]
+
+
+def test_info_command():
+    out = subprocess.run([sys.executable, "-m", "torchfast", "info", "--json"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["torch"] == torch.__version__ and "kernels" in info
+    text = subprocess.run([sys.executable, "-m", "torchfast", "info"], capture_output=True, text=True, timeout=300)
+    assert text.returncode == 0 and "fused_adam_" in text.stdout and "torch" in text.stdout
+
+
+def test_disable_kernels_forces_reference_path():
+    code = (
+        "import warnings, torch\n"
+        "warnings.simplefilter('error')\n"  # the explicit switch warns about nothing
+        "import torchfast\n"
+        "assert not torchfast.info()['kernels_loaded']\n"
+        "assert torchfast.info()['kernels']['fused_adam_'] == []\n"
+        "p = [torch.ones(5, requires_grad=True)]; q = [torch.ones(5, requires_grad=True)]\n"
+        "o1, o2 = torchfast.optim.Adam(p, lr=0.1), torch.optim.Adam(q, lr=0.1, foreach=False)\n"
+        "for i in range(3):\n"
+        "    p[0].grad = torch.full((5,), float(i) - 0.5); q[0].grad = p[0].grad.clone(); o1.step(); o2.step()\n"
+        "torch.testing.assert_close(p[0], q[0], rtol=1e-6, atol=1e-6)\n"
+        "print('ok')\n"
+    )
+    out = run_python(code, TORCHFAST_DISABLE_KERNELS="1")
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_version_mismatch_is_detected():
+    reason = _loader._why_not_loadable({"torch_version": "0.0.1", "cuda": False})
+    assert "built against torch 0.0.1" in reason and torch.__version__ in reason
+
+
+def test_missing_library_warns_once_and_falls_back(tmp_path):
+    """A copy of the package without its compiled libraries imports, warns once and runs the reference."""
+    import shutil
+
+    pkg = tmp_path / "torchfast"
+    shutil.copytree(os.path.dirname(torchfast.__file__), pkg,
+                    ignore=shutil.ignore_patterns("*.so", "_build_info.json", "__pycache__"))
+    code = (
+        "import warnings, torch\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import torchfast, torchfast.optim\n"
+        "msgs = [str(x.message) for x in w if 'torchfast' in str(x.message)]\n"
+        "assert len(msgs) == 1, msgs\n"
+        "assert 'reference' in msgs[0] and 'pip install' in msgs[0], msgs[0]\n"
+        "p = [torch.ones(3, requires_grad=True)]; p[0].grad = torch.ones(3)\n"
+        "torchfast.optim.SGD(p, lr=0.5, momentum=0.9).step()\n"
+        "assert torch.allclose(p[0], torch.full((3,), 0.5))\n"
+        "print('ok')\n"
+    )
+    env = {"PYTHONPATH": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **env}, cwd=str(tmp_path))
+    assert out.returncode == 0 and "ok" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.skipif(not _loader.STATE.loaded, reason="kernels not built")
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
+def test_each_cpu_library_is_correct(isa):
+    """The library for each CPU capability torch can run at (ATEN_CPU_CAPABILITY) loads and is right."""
+    if isa not in _loader.STATE.build_info.get("cpu_isas", []):
+        pytest.skip(f"{isa} library not built")
+    if isa == "avx512" and torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("this CPU has no AVX512")
+    if isa == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("this CPU has no AVX2")
+    code = (
+        "import torch, torchfast\n"
+        "print(torchfast.info()['cpu_library'])\n"
+        "for dt in (torch.float32, torch.bfloat16):\n"
+        "    p = [torch.randn(1000, 37).to(dt).requires_grad_()]; q = [p[0].detach().clone().requires_grad_()]\n"
+        "    o1 = torchfast.optim.AdamW(p, lr=0.01); o2 = torch.optim.AdamW(q, lr=0.01, fused=True)\n"
+        "    for i in range(5):\n"
+        "        p[0].grad = torch.randn_like(p[0]); q[0].grad = p[0].grad.clone(); o1.step(); o2.step()\n"
+        "    e = torch.finfo(dt).eps\n"
+        "    torch.testing.assert_close(p[0], q[0], rtol=2 * e, atol=2 * e)\n"
+    )
+    out = run_python(code, ATEN_CPU_CAPABILITY=isa)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[0] == f"_cpu_{isa}"
