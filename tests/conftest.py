@@ -15,6 +15,19 @@ TOL = {
 }
 
 
+def pytest_report_header(config):
+    info = torchfast.info()
+    return [f"torchfast from {torchfast.__file__}: {info['status']}; kernels {info['kernels']}"]
+
+
+def pytest_sessionstart(session):
+    # CI sets this: a test run that silently fell back to the reference path proves nothing.
+    import os
+    if os.environ.get("TORCHFAST_REQUIRE_KERNELS") == "1" and not torchfast.info()["kernels_loaded"]:
+        raise pytest.UsageError(f"TORCHFAST_REQUIRE_KERNELS=1 but the kernels are not loaded: "
+                                f"{torchfast.info()['status']} (torchfast imported from {torchfast.__file__})")
+
+
 def tol(dtype):
     rtol, atol = TOL[dtype]
     return {"rtol": rtol, "atol": atol}
