@@ -10,12 +10,16 @@ import torch
 import torchfast
 from torchfast import _loader
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Subprocesses import the same torchfast as this process (an installed one, or an in-place build),
+# and run outside the source tree so that its un-built package cannot shadow it.
+PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(torchfast.__file__)))
 
 
-def run_python(code, **env):
-    full_env = {**os.environ, **env}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300)
+def run_python(code=None, args=(), cwd=None, **env):
+    full_env = {**os.environ, "PYTHONPATH": PKG_PARENT, **env}
+    argv = [sys.executable] + (["-c", code] if code is not None else list(args))
+    return subprocess.run(argv, capture_output=True, text=True, env=full_env, timeout=300,
+                          cwd=cwd or os.path.expanduser("~"))
 
 
 def test_info_reports_build_and_kernels():
@@ -28,12 +32,11 @@ def test_info_reports_build_and_kernels():
 
 
 def test_info_command():
-    out = subprocess.run([sys.executable, "-m", "torchfast", "info", "--json"], capture_output=True, text=True,
-                         timeout=300)
+    out = run_python(args=["-m", "torchfast", "info", "--json"])
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
-    assert info["torch"] == torch.__version__ and "kernels" in info
-    text = subprocess.run([sys.executable, "-m", "torchfast", "info"], capture_output=True, text=True, timeout=300)
+    assert info["torch"] == torch.__version__ and info["kernels"] == torchfast.info()["kernels"]
+    text = run_python(args=["-m", "torchfast", "info"])
     assert text.returncode == 0 and "fused_adam_" in text.stdout and "torch" in text.stdout
 
 
@@ -80,9 +83,7 @@ def test_missing_library_warns_once_and_falls_back(tmp_path):
         "assert torch.allclose(p[0], torch.full((3,), 0.5))\n"
         "print('ok')\n"
     )
-    env = {"PYTHONPATH": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, **env}, cwd=str(tmp_path))
+    out = run_python(code, cwd=str(tmp_path), PYTHONPATH=str(tmp_path))
     assert out.returncode == 0 and "ok" in out.stdout, out.stdout + out.stderr
 
 
