@@ -146,7 +146,11 @@ arch_list = default_arch_list() if build_cuda else None
 if build_cuda:
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
 isas = cpu_isas()
+# _C: the schemas, the Python entry points, device-independent kernels (e.g. Autograd-key ones)
+# and, with CUDA, the CUDA kernels. _cpu_<isa>: the CPU kernels (*_cpu.cpp).
 cpu_kernel_sources = rel(glob.glob(os.path.join(CSRC, "*", "*_cpu.cpp")))
+core_sources = ["csrc/torchfast.cpp", "csrc/python_bindings.cpp"] + rel(
+    p for p in glob.glob(os.path.join(CSRC, "*", "*.cpp")) if not p.endswith("_cpu.cpp"))
 cuda_kernel_sources = rel(glob.glob(os.path.join(CSRC, "*", "*_cuda.cu")))
 include_dirs = [CSRC]
 
@@ -155,12 +159,12 @@ if build_cuda:
     cuda_includes = nvidia_wheel_includes()
     ext_modules.append(CUDAExtension(
         "torchfast._C",
-        ["csrc/torchfast.cpp"] + cuda_kernel_sources,
+        core_sources + cuda_kernel_sources,
         include_dirs=include_dirs + cuda_includes,
         extra_compile_args={"cxx": BASE_CXX, "nvcc": ["-O3", "-lineinfo"]},
     ))
 else:
-    ext_modules.append(CppExtension("torchfast._C", ["csrc/torchfast.cpp"],
+    ext_modules.append(CppExtension("torchfast._C", core_sources,
                                     include_dirs=include_dirs, extra_compile_args={"cxx": BASE_CXX}))
 for isa in isas:
     ext_modules.append(CppExtension(

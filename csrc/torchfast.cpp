@@ -1,7 +1,6 @@
 // Every torchfast operator's schema, in one place: read this file as the API of the kernels.
 // Per-device implementations live in csrc/<family>/<op>_{cpu.cpp,cuda.cu}; the Python face of
 // each family (fake/autograd registrations and the reference fallback) in torchfast/ops/.
-#include <Python.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(torchfast, m) {
@@ -25,11 +24,4 @@ TORCH_LIBRARY(torchfast, m) {
       "float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
       "bool maximize, bool is_first_step, Tensor? lr_tensor=None, Tensor? grad_scale=None, "
       "Tensor? found_inf=None) -> ()");
-}
-
-// The library is loaded with torch.ops.load_library; this stub only makes the file importable
-// as a Python extension module as well.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
 }

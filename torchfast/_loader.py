@@ -29,6 +29,7 @@ class LoadState:
     reason: str = "not loaded yet"
     build_info: dict = field(default_factory=dict)
     cpu_library: str | None = None
+    module: object = None  # torchfast._C imported as a Python module (eager entry points)
     # op name -> set of device types ("cpu", "cuda") with a compiled kernel
     kernels: dict = field(default_factory=dict)
 
@@ -102,6 +103,7 @@ def load() -> LoadState:
                               f"({torch.backends.cpu.get_cpu_capability()}); CPU ops use the reference. "
                               f"{REBUILD_HINT}", RuntimeWarning, stacklevel=3)
             STATE.kernels = _active_kernels()
+            STATE.module = importlib.import_module("torchfast._C")
             STATE.loaded = True
             STATE.reason = "loaded"
         except Exception as e:  # a broken build must never break `import torchfast`

@@ -11,6 +11,19 @@ def compiled_op(name: str):
     return getattr(torch.ops.torchfast, name)
 
 
+def eager_entry(name: str):
+    """torchfast._C.<name>: the op with positional arguments and no per-tensor boxing, or None.
+
+    Only for eager mode: it returns NotImplemented for tensor subclasses, and is not traceable, so
+    callers use it only when not compiling and when no __torch_function__ mode is active."""
+    module = _loader.STATE.module
+    return getattr(module, name, None) if module is not None else None
+
+
+def use_eager_entry() -> bool:
+    return not torch.compiler.is_compiling() and not torch._C._is_torch_function_mode_enabled()
+
+
 def _schema_registered(name: str) -> bool:
     try:
         getattr(torch.ops.torchfast, name)

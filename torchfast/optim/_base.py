@@ -76,16 +76,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _amp_arguments(self) -> tuple[Optional[Tensor], Optional[Tensor]]:
         return getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
 
-    def _params_with_grad(self, group) -> list[Tensor]:
-        params = []
-        for p in group["params"]:
-            g = p.grad
-            if g is None:
-                continue
-            if g.is_sparse:
-                raise RuntimeError(
-                    f"torchfast.optim.{type(self).__name__} does not support sparse gradients (got one for a "
-                    f"parameter of shape {tuple(p.shape)}); use torch.optim.SparseAdam for sparse parameters")
-            params.append(p)
-        # Mixed devices within one group are rejected by the op itself, with the devices named.
-        return params
+    def _reject_sparse(self, p: Tensor) -> None:
+        raise RuntimeError(
+            f"torchfast.optim.{type(self).__name__} does not support sparse gradients (got one for a parameter "
+            f"of shape {tuple(p.shape)}); use torch.optim.SparseAdam for sparse parameters")

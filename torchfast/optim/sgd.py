@@ -14,7 +14,7 @@ class SGD(FusedOptimizer):
     from the first gradient, as torch does).
     """
 
-    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None):
         check_lr(lr)
         if momentum < 0.0:
@@ -37,31 +37,39 @@ class SGD(FusedOptimizer):
                 loss = closure()
         grad_scale, found_inf = self._amp_arguments()
         for group in self.param_groups:
-            params = self._params_with_grad(group)
-            if not params:
-                continue
             momentum = float(group["momentum"])
-            lr, lr_tensor = lr_arguments(group["lr"], params[0].device)
+            # One pass: params with a momentum buffer take the ordinary update; the others (first
+            # step, or a param that had no grad until now) start their buffer from the gradient.
+            ongoing, ongoing_grads, buffers, starting, starting_grads = [], [], [], [], []
+            state_of = self.state
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    self._reject_sparse(p)
+                buf = state_of[p].get("momentum_buffer") if momentum != 0 else None
+                if buf is None and momentum != 0:
+                    starting.append(p)
+                    starting_grads.append(grad)
+                else:
+                    ongoing.append(p)
+                    ongoing_grads.append(grad)
+                    if buf is not None:
+                        buffers.append(buf)
+            if not ongoing and not starting:
+                continue
+            lr, lr_tensor = lr_arguments(group["lr"], (ongoing or starting)[0].device)
             hyper = dict(lr=lr, momentum=momentum, dampening=float(group["dampening"]),
                          weight_decay=float(group["weight_decay"]), nesterov=bool(group["nesterov"]),
                          maximize=bool(group["maximize"]), lr_tensor=lr_tensor, grad_scale=grad_scale,
                          found_inf=found_inf)
-            if momentum == 0:
-                ops.fused_sgd_(params, [p.grad for p in params], [], is_first_step=False, **hyper)
-                continue
-            # Parameters with a momentum buffer take the ordinary update; the others (first step, or a
-            # parameter that had no grad until now) start their buffer from the gradient.
-            ongoing, starting = [], []
-            for p in params:
-                (ongoing if "momentum_buffer" in self.state[p] else starting).append(p)
             if ongoing:
-                ops.fused_sgd_(ongoing, [p.grad for p in ongoing],
-                               [self.state[p]["momentum_buffer"] for p in ongoing], is_first_step=False, **hyper)
+                ops.fused_sgd_(ongoing, ongoing_grads, buffers, is_first_step=False, **hyper)
             # A skipped AMP step must not leave uninitialised buffers behind: read found_inf on the host
             # here, which syncs only on the steps that create buffers (normally the first).
             if starting and not (found_inf is not None and bool(found_inf)):
-                buffers = [torch.empty_like(p, memory_format=torch.preserve_format) for p in starting]
-                ops.fused_sgd_(starting, [p.grad for p in starting], buffers, is_first_step=True, **hyper)
-                for p, buf in zip(starting, buffers):
-                    self.state[p]["momentum_buffer"] = buf
-        return loss
+                new_buffers = [torch.empty_like(p, memory_format=torch.preserve_format) for p in starting]
+                ops.fused_sgd_(starting, starting_grads, new_buffers, is_first_step=True, **hyper)
+                for p, buf in zip(starting, new_buffers):
+                    state_of[p]["momentum_buffer"] = buf
