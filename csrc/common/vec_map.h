@@ -1,11 +1,12 @@
 // Vectorised element-wise driver for the CPU kernels.
 //
-// map_streams<scalar_t, N>(ptrs, store_mask, n, f) walks n elements of N parallel arrays ("streams",
-// e.g. param, grad, exp_avg, ...), loads each into the compute type, calls f on an
-// std::array<V, N> and stores back the streams whose bit is set in store_mask. f is a generic
-// lambda called with V = at::vec::Vectorized<acc_t> in the main loop and V = acc_t in the tail, so
-// one *_math.h template serves both (and the CUDA kernel). acc_t is float for fp32/fp16/bf16 and
-// double for fp64. Null stream pointers read as zero and are never stored.
+// map_streams<scalar_t, N, kLoad, kStore>(ptrs, n, f) walks n elements of N parallel arrays
+// ("streams", e.g. param, grad, exp_avg, ...), loads the streams whose bit is set in kLoad into the
+// compute type (the others read as zero), calls f on an std::array<V, N> and stores back the
+// streams whose bit is set in kStore. The masks are compile-time so that the loop carries no
+// per-stream branches. f is a generic lambda called with V = at::vec::Vectorized<acc_t> in the main
+// loop and V = acc_t in the tail, so one *_math.h template serves both (and the CUDA kernel).
+// acc_t is float for fp32/fp16/bf16 and double for fp64.
 //
 // This file is compiled once per CPU capability (see setup.py): at::vec picks AVX2/AVX512 code from
 // the CPU_CAPABILITY_* macro of the translation unit.
@@ -32,27 +33,29 @@ inline at::vec::Vectorized<T> tf_max(const at::vec::Vectorized<T>& a, const at::
   return at::vec::maximum(a, b);  // NaN-propagating
 }
 
-template <typename scalar_t, size_t N, typename F>
-inline void map_streams(const std::array<scalar_t*, N>& ptrs, uint32_t store_mask, int64_t n, F&& f) {
+template <typename scalar_t, size_t N, uint32_t kLoad, uint32_t kStore, typename F>
+inline void map_streams(const std::array<scalar_t*, N>& ptrs, int64_t n, const F& f) {
   using acc_t = acc_type_t<scalar_t>;
   using aVec = at::vec::Vectorized<acc_t>;
   constexpr bool kNative = std::is_same_v<scalar_t, acc_t>;
   // Reduced-precision types load one Vectorized<scalar_t> = two Vectorized<float>.
   using sVec = at::vec::Vectorized<scalar_t>;
   constexpr int64_t kStep = kNative ? aVec::size() : sVec::size();
+  constexpr auto loads = [](size_t k) { return ((kLoad >> k) & 1u) != 0; };
+  constexpr auto stores = [](size_t k) { return ((kStore >> k) & 1u) != 0; };
 
   int64_t d = 0;
   for (; d + kStep <= n; d += kStep) {
     if constexpr (kNative) {
       std::array<aVec, N> x;
-      for (size_t k = 0; k < N; ++k) x[k] = ptrs[k] ? aVec::loadu(ptrs[k] + d) : aVec(acc_t(0));
+      for (size_t k = 0; k < N; ++k) x[k] = loads(k) ? aVec::loadu(ptrs[k] + d) : aVec(acc_t(0));
       f(x);
       for (size_t k = 0; k < N; ++k)
-        if ((store_mask >> k) & 1u) x[k].store(ptrs[k] + d);
+        if (stores(k)) x[k].store(ptrs[k] + d);
     } else {
       std::array<aVec, N> lo, hi;
       for (size_t k = 0; k < N; ++k) {
-        if (ptrs[k]) {
+        if (loads(k)) {
           auto both = at::vec::convert_to_float<scalar_t>(sVec::loadu(ptrs[k] + d));
           lo[k] = std::get<0>(both);
           hi[k] = std::get<1>(both);
@@ -63,15 +66,15 @@ inline void map_streams(const std::array<scalar_t*, N>& ptrs, uint32_t store_mas
       f(lo);
       f(hi);
       for (size_t k = 0; k < N; ++k)
-        if ((store_mask >> k) & 1u) at::vec::convert_from_float<scalar_t>(lo[k], hi[k]).store(ptrs[k] + d);
+        if (stores(k)) at::vec::convert_from_float<scalar_t>(lo[k], hi[k]).store(ptrs[k] + d);
     }
   }
   for (; d < n; ++d) {
     std::array<acc_t, N> x;
-    for (size_t k = 0; k < N; ++k) x[k] = ptrs[k] ? static_cast<acc_t>(ptrs[k][d]) : acc_t(0);
+    for (size_t k = 0; k < N; ++k) x[k] = loads(k) ? static_cast<acc_t>(ptrs[k][d]) : acc_t(0);
     f(x);
     for (size_t k = 0; k < N; ++k)
-      if ((store_mask >> k) & 1u) ptrs[k][d] = static_cast<scalar_t>(x[k]);
+      if (stores(k)) ptrs[k][d] = static_cast<scalar_t>(x[k]);
   }
 }
 

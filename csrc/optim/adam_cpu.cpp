@@ -20,22 +20,37 @@ constexpr const char* kOp = "torchfast.fused_adam_";
 struct AdamTensorWork {
   at::ScalarType dtype;
   void *param, *grad, *exp_avg, *exp_avg_sq, *max_exp_avg_sq;
-  AdamStepCoeffs coeffs;
+  double step;  // after this step's increment
 };
 
-template <typename scalar_t>
-void adam_chunk(const AdamTensorWork& w, int64_t begin, int64_t end, const AdamHyper& h, double lr, bool has_scale,
-                double scale) {
+// streams: 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq, 4 max_exp_avg_sq
+template <typename scalar_t, bool kAmsgrad, bool kScaled>
+void adam_chunk(const AdamTensorWork& w, int64_t begin, int64_t end, const AdamHyper& h, double lr, double scale) {
+  using acc_t = acc_type_t<scalar_t>;
+  constexpr uint32_t kLoad = 0b01111u | (kAmsgrad ? 0b10000u : 0u);
+  constexpr uint32_t kStore = 0b01101u | (kAmsgrad ? 0b10000u : 0u) | (kScaled ? 0b00010u : 0u);
   auto at_offset = [begin](void* p) { return p ? static_cast<scalar_t*>(p) + begin : nullptr; };
-  // streams: 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq, 4 max_exp_avg_sq
-  std::array<scalar_t*, 5> ptrs = {at_offset(w.param), at_offset(w.grad), at_offset(w.exp_avg),
-                                   at_offset(w.exp_avg_sq), at_offset(w.max_exp_avg_sq)};
-  uint32_t store = 0b01101u | (h.amsgrad ? 0b10000u : 0u) | (has_scale ? 0b00010u : 0u);
-  map_streams<scalar_t, 5>(ptrs, store, end - begin, [&](auto& x) {
+  const std::array<scalar_t*, 5> ptrs = {at_offset(w.param), at_offset(w.grad), at_offset(w.exp_avg),
+                                         at_offset(w.exp_avg_sq), at_offset(w.max_exp_avg_sq)};
+  const AdamElementConsts<acc_t> c = adam_element_consts<acc_t>(h, lr, w.step);
+  const acc_t s = static_cast<acc_t>(scale);
+  map_streams<scalar_t, 5, kLoad, kStore>(ptrs, end - begin, [c, s](auto& x) {
     using V = std::decay_t<decltype(x[0])>;
-    if (has_scale) x[1] = x[1] / V(scale);  // unscaled grads are written back, as torch's fused Adam does
-    adam_update(x[0], x[1], x[2], x[3], x[4], h, lr, w.coeffs);
+    if constexpr (kScaled) x[1] = x[1] / V(s);  // unscaled grads are written back, as torch's fused Adam does
+    adam_update(x[0], x[1], x[2], x[3], x[4], c);
   });
+}
+
+template <typename scalar_t>
+void adam_chunk_dispatch(const AdamTensorWork& w, int64_t begin, int64_t end, const AdamHyper& h, double lr,
+                         bool scaled, double scale) {
+  if (h.amsgrad) {
+    scaled ? adam_chunk<scalar_t, true, true>(w, begin, end, h, lr, scale)
+           : adam_chunk<scalar_t, true, false>(w, begin, end, h, lr, scale);
+  } else {
+    scaled ? adam_chunk<scalar_t, false, true>(w, begin, end, h, lr, scale)
+           : adam_chunk<scalar_t, false, false>(w, begin, end, h, lr, scale);
+  }
 }
 
 void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -81,13 +96,13 @@ void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     w.exp_avg = stager.data_like(exp_avgs[i], p, true);
     w.exp_avg_sq = stager.data_like(exp_avg_sqs[i], p, true);
     w.max_exp_avg_sq = amsgrad ? stager.data_like(max_exp_avg_sqs[i], p, true) : nullptr;
-    w.coeffs = adam_step_coeffs(h, lr_value, step);
+    w.step = step;
   }
 
   parallel_over_chunks(split_into_chunks(numels), [&](const CpuChunk& c) {
     const AdamTensorWork& w = work[c.tensor];
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.dtype, "fused_adam_cpu", [&] {
-      adam_chunk<scalar_t>(w, c.begin, c.end, h, lr_value, has_scale, scale);
+      adam_chunk_dispatch<scalar_t>(w, c.begin, c.end, h, lr_value, has_scale, scale);
     });
   });
   stager.finish();

@@ -27,14 +27,15 @@ __global__ void __launch_bounds__(kCudaBlockThreads)
   const CudaChunkMeta c = chunks[blockIdx.x];
   const CudaTensorMeta& t = tensors[c.tensor];
   const double lr = lr_ptr ? static_cast<double>(*lr_ptr) : h.lr;
-  const AdamStepCoeffs coeffs = adam_step_coeffs(h, lr, read_scalar(t.step, t.step_is_double) + 1.0);
+  const AdamElementConsts<acc_t> consts =
+      adam_element_consts<acc_t>(h, lr, read_scalar(t.step, t.step_is_double) + 1.0);
   const bool has_scale = grad_scale_ptr != nullptr;
   const acc_t scale = has_scale ? static_cast<acc_t>(*grad_scale_ptr) : acc_t(1);
   // streams: 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq, 4 max_exp_avg_sq
   const uint32_t store = 0b01101u | (h.amsgrad ? 0b10000u : 0u) | (has_scale ? 0b00010u : 0u);
   for_each_chunk_element<scalar_t, 5>(t, c.begin, store, [&](acc_t* x) {
     if (has_scale) x[1] = x[1] / scale;
-    adam_update<acc_t>(x[0], x[1], x[2], x[3], x[4], h, lr, coeffs);
+    adam_update(x[0], x[1], x[2], x[3], x[4], consts);
   });
 }
 

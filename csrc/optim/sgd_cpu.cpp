@@ -22,18 +22,35 @@ struct SgdTensorWork {
   void *param, *grad, *momentum_buffer;
 };
 
-template <typename scalar_t>
-void sgd_chunk(const SgdTensorWork& w, int64_t begin, int64_t end, const SgdHyper& h, double lr, bool first_step,
-               bool has_scale, double scale) {
+// streams: 0 param, 1 grad, 2 momentum_buffer
+template <typename scalar_t, bool kMomentum, bool kScaled>
+void sgd_chunk(const SgdTensorWork& w, int64_t begin, int64_t end, const SgdElementConsts<acc_type_t<scalar_t>>& c,
+               double scale) {
+  using acc_t = acc_type_t<scalar_t>;
+  constexpr uint32_t kLoad = 0b011u | (kMomentum ? 0b100u : 0u);
+  constexpr uint32_t kStore = 0b001u | (kMomentum ? 0b100u : 0u) | (kScaled ? 0b010u : 0u);
   auto at_offset = [begin](void* p) { return p ? static_cast<scalar_t*>(p) + begin : nullptr; };
-  // streams: 0 param, 1 grad, 2 momentum_buffer
-  std::array<scalar_t*, 3> ptrs = {at_offset(w.param), at_offset(w.grad), at_offset(w.momentum_buffer)};
-  const uint32_t store = 0b001u | (h.momentum != 0 ? 0b100u : 0u) | (has_scale ? 0b010u : 0u);
-  map_streams<scalar_t, 3>(ptrs, store, end - begin, [&](auto& x) {
+  const std::array<scalar_t*, 3> ptrs = {at_offset(w.param), at_offset(w.grad), at_offset(w.momentum_buffer)};
+  const acc_t s = static_cast<acc_t>(scale);
+  const SgdElementConsts<acc_t> consts = c;
+  map_streams<scalar_t, 3, kLoad, kStore>(ptrs, end - begin, [consts, s](auto& x) {
     using V = std::decay_t<decltype(x[0])>;
-    if (has_scale) x[1] = x[1] / V(scale);
-    sgd_update(x[0], x[1], x[2], h, lr, first_step);
+    if constexpr (kScaled) x[1] = x[1] / V(s);
+    sgd_update(x[0], x[1], x[2], consts);
   });
+}
+
+template <typename scalar_t>
+void sgd_chunk_dispatch(const SgdTensorWork& w, int64_t begin, int64_t end, const SgdHyper& h, double lr,
+                        bool first_step, bool scaled, double scale) {
+  const auto c = sgd_element_consts<acc_type_t<scalar_t>>(h, lr, first_step);
+  if (c.has_momentum) {
+    scaled ? sgd_chunk<scalar_t, true, true>(w, begin, end, c, scale)
+           : sgd_chunk<scalar_t, true, false>(w, begin, end, c, scale);
+  } else {
+    scaled ? sgd_chunk<scalar_t, false, true>(w, begin, end, c, scale)
+           : sgd_chunk<scalar_t, false, false>(w, begin, end, c, scale);
+  }
 }
 
 void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
@@ -72,7 +89,7 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   parallel_over_chunks(split_into_chunks(numels), [&](const CpuChunk& c) {
     const SgdTensorWork& w = work[c.tensor];
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.dtype, "fused_sgd_cpu", [&] {
-      sgd_chunk<scalar_t>(w, c.begin, c.end, h, lr_value, is_first_step, has_scale, scale);
+      sgd_chunk_dispatch<scalar_t>(w, c.begin, c.end, h, lr_value, is_first_step, has_scale, scale);
     });
   });
   stager.finish();

@@ -26,13 +26,14 @@ __global__ void __launch_bounds__(kCudaBlockThreads)
   const CudaChunkMeta c = chunks[blockIdx.x];
   const CudaTensorMeta& t = tensors[c.tensor];
   const double lr = lr_ptr ? static_cast<double>(*lr_ptr) : lr_value;
+  const SgdElementConsts<acc_t> consts = sgd_element_consts<acc_t>(h, lr, first_step);
   const bool has_scale = grad_scale_ptr != nullptr;
   const acc_t scale = has_scale ? static_cast<acc_t>(*grad_scale_ptr) : acc_t(1);
   // streams: 0 param, 1 grad, 2 momentum_buffer
   const uint32_t store = 0b001u | (h.momentum != 0 ? 0b100u : 0u) | (has_scale ? 0b010u : 0u);
   for_each_chunk_element<scalar_t, 3>(t, c.begin, store, [&](acc_t* x) {
     if (has_scale) x[1] = x[1] / scale;
-    sgd_update<acc_t>(x[0], x[1], x[2], h, lr, first_step);
+    sgd_update(x[0], x[1], x[2], consts);
   });
 }
 
