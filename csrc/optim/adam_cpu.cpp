@@ -7,9 +7,9 @@
 #include <vector>
 
 #include "common/multi_tensor_cpu.h"
-#include "common/tensor_lists.h"
 #include "common/vec_map.h"
 #include "optim/adam_math.h"
+#include "optim/optim_checks.h"
 #include "optim/optim_cpu_common.h"
 
 namespace torchfast {
@@ -58,12 +58,8 @@ void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     double weight_decay, double eps, bool amsgrad, bool maximize, bool decoupled_weight_decay,
                     const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf) {
+  check_adam_args(kOp, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad);
   const size_t n = params.size();
-  check_list_length(kOp, "grads", grads, n);
-  check_list_length(kOp, "exp_avgs", exp_avgs, n);
-  check_list_length(kOp, "exp_avg_sqs", exp_avg_sqs, n);
-  check_list_length(kOp, "state_steps", state_steps, n);
-  check_list_length(kOp, "max_exp_avg_sqs", max_exp_avg_sqs, amsgrad ? n : 0);
   if (n == 0) return;
 
   double scale;
@@ -72,18 +68,9 @@ void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   const double lr_value = resolve_lr(kOp, lr, lr_tensor);
   const AdamHyper h{lr_value, beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay};
 
-  const at::Device device = params[0].device();
   LayoutStager stager;
   std::vector<AdamTensorWork> work(n);
   std::vector<int64_t> numels(n);
-  for (size_t i = 0; i < n; ++i) {
-    check_param(kOp, i, params[i], device);
-    check_like_param(kOp, "grads", i, grads[i], params[i]);
-    check_like_param(kOp, "exp_avgs", i, exp_avgs[i], params[i]);
-    check_like_param(kOp, "exp_avg_sqs", i, exp_avg_sqs[i], params[i]);
-    if (amsgrad) check_like_param(kOp, "max_exp_avg_sqs", i, max_exp_avg_sqs[i], params[i]);
-    check_step(kOp, i, state_steps[i], device);
-  }
   for (size_t i = 0; i < n; ++i) {  // validated in full before anything is written
     const double step = increment_step(state_steps[i]);
     numels[i] = params[i].numel();

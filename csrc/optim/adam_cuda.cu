@@ -10,8 +10,8 @@
 #include <vector>
 
 #include "common/multi_tensor_cuda.cuh"
-#include "common/tensor_lists.h"
 #include "optim/adam_math.h"
+#include "optim/optim_checks.h"
 
 namespace torchfast {
 namespace {
@@ -55,27 +55,12 @@ void fused_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      double weight_decay, double eps, bool amsgrad, bool maximize, bool decoupled_weight_decay,
                      const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
                      const std::optional<at::Tensor>& found_inf) {
+  check_adam_args(kOp, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad);
   const size_t n = params.size();
-  check_list_length(kOp, "grads", grads, n);
-  check_list_length(kOp, "exp_avgs", exp_avgs, n);
-  check_list_length(kOp, "exp_avg_sqs", exp_avg_sqs, n);
-  check_list_length(kOp, "state_steps", state_steps, n);
-  check_list_length(kOp, "max_exp_avg_sqs", max_exp_avg_sqs, amsgrad ? n : 0);
   if (n == 0) return;
   const at::Device device = params[0].device();
-  for (size_t i = 0; i < n; ++i) {
-    check_param(kOp, i, params[i], device);
-    check_like_param(kOp, "grads", i, grads[i], params[i]);
-    check_like_param(kOp, "exp_avgs", i, exp_avgs[i], params[i]);
-    check_like_param(kOp, "exp_avg_sqs", i, exp_avg_sqs[i], params[i]);
-    if (amsgrad) check_like_param(kOp, "max_exp_avg_sqs", i, max_exp_avg_sqs[i], params[i]);
-    check_step(kOp, i, state_steps[i], device);
-  }
   const c10::cuda::CUDAGuard guard(device);
-  std::vector<at::Tensor> keep_alive;
-  const float* lr_ptr = device_scalar_f32(lr_tensor, keep_alive, device, kOp, "lr_tensor");
-  const float* scale_ptr = device_scalar_f32(grad_scale, keep_alive, device, kOp, "grad_scale");
-  const float* inf_ptr = device_scalar_f32(found_inf, keep_alive, device, kOp, "found_inf");
+  const DeviceScalars scalars = device_scalars(kOp, device, lr_tensor, grad_scale, found_inf);
   const AdamHyper h{lr, beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay};
 
   LayoutStager stager;
@@ -84,34 +69,30 @@ void fused_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList
     const at::Tensor& p = stager.reference(params[i]);
     CudaTensorMeta m{};
     m.ptr[0] = p.data_ptr();
-    m.ptr[1] = stager.data_like(grads[i], p, /*write_back=*/scale_ptr != nullptr);
+    m.ptr[1] = stager.data_like(grads[i], p, /*write_back=*/scalars.grad_scale != nullptr);
     m.ptr[2] = stager.data_like(exp_avgs[i], p, true);
     m.ptr[3] = stager.data_like(exp_avg_sqs[i], p, true);
     m.ptr[4] = amsgrad ? stager.data_like(max_exp_avg_sqs[i], p, true) : nullptr;
     m.step = state_steps[i].data_ptr();
     m.step_is_double = state_steps[i].scalar_type() == at::kDouble;
     m.numel = p.numel();
-    m.aligned = true;
-    for (void* ptr : m.ptr)
-      if (ptr && !is_aligned(ptr, p.element_size())) m.aligned = false;
+    set_alignment(m, p.element_size());
     by_dtype[p.scalar_type()].push_back(m);
   }
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  for (const auto& [dtype, metas] : by_dtype) {
-    const CudaLaunchMeta launch = upload_launch_meta(metas, device);
+  launch_per_dtype(by_dtype, device, [&](at::ScalarType dtype, const CudaLaunchMeta& launch, int64_t count) {
     if (launch.num_chunks > 0) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fused_adam_cuda", [&] {
         adam_kernel<scalar_t><<<launch.num_chunks, kCudaBlockThreads, 0, stream>>>(
-            launch.tensors, launch.chunks, h, lr_ptr, scale_ptr, inf_ptr);
+            launch.tensors, launch.chunks, h, scalars.lr, scalars.grad_scale, scalars.found_inf);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     }
     // After the update kernel (same stream): it read the old counts.
-    const int64_t count = static_cast<int64_t>(metas.size());
-    increment_steps_kernel<<<(count + 255) / 256, 256, 0, stream>>>(launch.tensors, count, inf_ptr);
+    increment_steps_kernel<<<(count + 255) / 256, 256, 0, stream>>>(launch.tensors, count, scalars.found_inf);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  });
   stager.finish();
 }
 

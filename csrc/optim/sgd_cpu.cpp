@@ -7,8 +7,8 @@
 #include <vector>
 
 #include "common/multi_tensor_cpu.h"
-#include "common/tensor_lists.h"
 #include "common/vec_map.h"
+#include "optim/optim_checks.h"
 #include "optim/optim_cpu_common.h"
 #include "optim/sgd_math.h"
 
@@ -57,10 +57,9 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
                    double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
                    bool is_first_step, const std::optional<at::Tensor>& lr_tensor,
                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  const size_t n = params.size();
   const bool use_momentum = momentum != 0;
-  check_list_length(kOp, "grads", grads, n);
-  check_list_length(kOp, "momentum_buffers", momentum_buffers, use_momentum ? n : 0);
+  check_sgd_args(kOp, params, grads, momentum_buffers, use_momentum);
+  const size_t n = params.size();
   if (n == 0) return;
 
   double scale;
@@ -69,12 +68,6 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   const double lr_value = resolve_lr(kOp, lr, lr_tensor);
   const SgdHyper h{momentum, dampening, weight_decay, nesterov, maximize};
 
-  const at::Device device = params[0].device();
-  for (size_t i = 0; i < n; ++i) {
-    check_param(kOp, i, params[i], device);
-    check_like_param(kOp, "grads", i, grads[i], params[i]);
-    if (use_momentum) check_like_param(kOp, "momentum_buffers", i, momentum_buffers[i], params[i]);
-  }
   LayoutStager stager;
   std::vector<SgdTensorWork> work(n);
   std::vector<int64_t> numels(n);

@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "common/multi_tensor_cuda.cuh"
-#include "common/tensor_lists.h"
+#include "optim/optim_checks.h"
 #include "optim/sgd_math.h"
 
 namespace torchfast {
@@ -41,22 +41,13 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
                     bool is_first_step, const std::optional<at::Tensor>& lr_tensor,
                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  const size_t n = params.size();
   const bool use_momentum = momentum != 0;
-  check_list_length(kOp, "grads", grads, n);
-  check_list_length(kOp, "momentum_buffers", momentum_buffers, use_momentum ? n : 0);
+  check_sgd_args(kOp, params, grads, momentum_buffers, use_momentum);
+  const size_t n = params.size();
   if (n == 0) return;
   const at::Device device = params[0].device();
-  for (size_t i = 0; i < n; ++i) {
-    check_param(kOp, i, params[i], device);
-    check_like_param(kOp, "grads", i, grads[i], params[i]);
-    if (use_momentum) check_like_param(kOp, "momentum_buffers", i, momentum_buffers[i], params[i]);
-  }
   const c10::cuda::CUDAGuard guard(device);
-  std::vector<at::Tensor> keep_alive;
-  const float* lr_ptr = device_scalar_f32(lr_tensor, keep_alive, device, kOp, "lr_tensor");
-  const float* scale_ptr = device_scalar_f32(grad_scale, keep_alive, device, kOp, "grad_scale");
-  const float* inf_ptr = device_scalar_f32(found_inf, keep_alive, device, kOp, "found_inf");
+  const DeviceScalars scalars = device_scalars(kOp, device, lr_tensor, grad_scale, found_inf);
   const SgdHyper h{momentum, dampening, weight_decay, nesterov, maximize};
 
   LayoutStager stager;
@@ -66,25 +57,22 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     const at::Tensor& p = stager.reference(params[i]);
     CudaTensorMeta m{};
     m.ptr[0] = p.data_ptr();
-    m.ptr[1] = stager.data_like(grads[i], p, /*write_back=*/scale_ptr != nullptr);
+    m.ptr[1] = stager.data_like(grads[i], p, /*write_back=*/scalars.grad_scale != nullptr);
     m.ptr[2] = use_momentum ? stager.data_like(momentum_buffers[i], p, true) : nullptr;
     m.numel = p.numel();
-    m.aligned = true;
-    for (void* ptr : m.ptr)
-      if (ptr && !is_aligned(ptr, p.element_size())) m.aligned = false;
+    set_alignment(m, p.element_size());
     by_dtype[p.scalar_type()].push_back(m);
   }
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  for (const auto& [dtype, metas] : by_dtype) {
-    const CudaLaunchMeta launch = upload_launch_meta(metas, device);
-    if (launch.num_chunks == 0) continue;
+  launch_per_dtype(by_dtype, device, [&](at::ScalarType dtype, const CudaLaunchMeta& launch, int64_t) {
+    if (launch.num_chunks == 0) return;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fused_sgd_cuda", [&] {
       sgd_kernel<scalar_t><<<launch.num_chunks, kCudaBlockThreads, 0, stream>>>(
-          launch.tensors, launch.chunks, h, lr, lr_ptr, is_first_step, scale_ptr, inf_ptr);
+          launch.tensors, launch.chunks, h, lr, scalars.lr, is_first_step, scalars.grad_scale, scalars.found_inf);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-  }
+  });
   stager.finish();
 }
 

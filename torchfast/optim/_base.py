@@ -73,8 +73,20 @@ class FusedOptimizer(torch.optim.Optimizer):
                     step = step.to(device=p.device, dtype=torch.float32)
                 state["step"] = step
 
-    def _amp_arguments(self) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        return getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Set by torch.amp.GradScaler.step() for the duration of this call (see the class docstring).
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            self._step_group(group, grad_scale, found_inf)
+        return loss
+
+    def _step_group(self, group, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+        raise NotImplementedError
 
     def _reject_sparse(self, p: Tensor) -> None:
         raise RuntimeError(

@@ -68,25 +68,17 @@ class Adam(FusedOptimizer):
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        grad_scale, found_inf = self._amp_arguments()
-        for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = self._group_tensors(group)
-            if not params:
-                continue
-            lr, lr_tensor = lr_arguments(group["lr"], params[0].device)
-            beta1, beta2 = group["betas"]
-            ops.fused_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr,
-                            beta1=float(beta1), beta2=float(beta2), weight_decay=float(group["weight_decay"]),
-                            eps=float(group["eps"]), amsgrad=bool(group["amsgrad"]), maximize=bool(group["maximize"]),
-                            decoupled_weight_decay=bool(group.get("decoupled_weight_decay", False)),
-                            lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)
-        return loss
+    def _step_group(self, group, grad_scale, found_inf):
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = self._group_tensors(group)
+        if not params:
+            return
+        lr, lr_tensor = lr_arguments(group["lr"], params[0].device)
+        beta1, beta2 = group["betas"]
+        ops.fused_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr, beta1=float(beta1),
+                        beta2=float(beta2), weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),
+                        amsgrad=bool(group["amsgrad"]), maximize=bool(group["maximize"]),
+                        decoupled_weight_decay=bool(group.get("decoupled_weight_decay", False)),
+                        lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)
 
 
 class AdamW(Adam):

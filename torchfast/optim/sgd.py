@@ -29,47 +29,40 @@ class SGD(FusedOptimizer):
                         maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        grad_scale, found_inf = self._amp_arguments()
-        for group in self.param_groups:
-            momentum = float(group["momentum"])
-            # One pass: params with a momentum buffer take the ordinary update; the others (first
-            # step, or a param that had no grad until now) start their buffer from the gradient.
-            ongoing, ongoing_grads, buffers, starting, starting_grads = [], [], [], [], []
-            state_of = self.state
-            for p in group["params"]:
-                grad = p.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    self._reject_sparse(p)
-                buf = state_of[p].get("momentum_buffer") if momentum != 0 else None
-                if buf is None and momentum != 0:
-                    starting.append(p)
-                    starting_grads.append(grad)
-                else:
-                    ongoing.append(p)
-                    ongoing_grads.append(grad)
-                    if buf is not None:
-                        buffers.append(buf)
-            if not ongoing and not starting:
+    def _step_group(self, group, grad_scale, found_inf):
+        momentum = float(group["momentum"])
+        # One pass: params with a momentum buffer take the ordinary update; the others (first
+        # step, or a param that had no grad until now) start their buffer from the gradient.
+        ongoing, ongoing_grads, buffers, starting, starting_grads = [], [], [], [], []
+        state_of = self.state
+        for p in group["params"]:
+            grad = p.grad
+            if grad is None:
                 continue
-            lr, lr_tensor = lr_arguments(group["lr"], (ongoing or starting)[0].device)
-            hyper = dict(lr=lr, momentum=momentum, dampening=float(group["dampening"]),
-                         weight_decay=float(group["weight_decay"]), nesterov=bool(group["nesterov"]),
-                         maximize=bool(group["maximize"]), lr_tensor=lr_tensor, grad_scale=grad_scale,
-                         found_inf=found_inf)
-            if ongoing:
-                ops.fused_sgd_(ongoing, ongoing_grads, buffers, is_first_step=False, **hyper)
-            # A skipped AMP step must not leave uninitialised buffers behind: read found_inf on the host
-            # here, which syncs only on the steps that create buffers (normally the first).
-            if starting and not (found_inf is not None and bool(found_inf)):
-                new_buffers = [torch.empty_like(p, memory_format=torch.preserve_format) for p in starting]
-                ops.fused_sgd_(starting, starting_grads, new_buffers, is_first_step=True, **hyper)
-                for p, buf in zip(starting, new_buffers):
-                    state_of[p]["momentum_buffer"] = buf
+            if grad.is_sparse:
+                self._reject_sparse(p)
+            buf = state_of[p].get("momentum_buffer") if momentum != 0 else None
+            if buf is None and momentum != 0:
+                starting.append(p)
+                starting_grads.append(grad)
+            else:
+                ongoing.append(p)
+                ongoing_grads.append(grad)
+                if buf is not None:
+                    buffers.append(buf)
+        if not ongoing and not starting:
+            return
+        lr, lr_tensor = lr_arguments(group["lr"], (ongoing or starting)[0].device)
+        hyper = dict(lr=lr, momentum=momentum, dampening=float(group["dampening"]),
+                     weight_decay=float(group["weight_decay"]), nesterov=bool(group["nesterov"]),
+                     maximize=bool(group["maximize"]), lr_tensor=lr_tensor, grad_scale=grad_scale,
+                     found_inf=found_inf)
+        if ongoing:
+            ops.fused_sgd_(ongoing, ongoing_grads, buffers, is_first_step=False, **hyper)
+        # A skipped AMP step must not leave uninitialised buffers behind: read found_inf on the host
+        # here, which syncs only on the steps that create buffers (normally the first).
+        if starting and not (found_inf is not None and bool(found_inf)):
+            new_buffers = [torch.empty_like(p, memory_format=torch.preserve_format) for p in starting]
+            ops.fused_sgd_(starting, starting_grads, new_buffers, is_first_step=True, **hyper)
+            for p, buf in zip(starting, new_buffers):
+                state_of[p]["momentum_buffer"] = buf

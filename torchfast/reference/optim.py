@@ -29,10 +29,12 @@ def _check_same_device(op: str, params: list[Tensor]) -> None:
                                    f"{device} but params[{i}] is on {p.device}")
 
 
-def _amp(grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> tuple[bool, Optional[float]]:
+def _prologue(op: str, params, lr, lr_tensor, grad_scale, found_inf) -> tuple[bool, float, Optional[float]]:
+    """(skip this step, the lr, the grad scale or None), after checking the devices."""
+    _check_same_device(op, params)
     skip = found_inf is not None and float(found_inf) != 0.0
     scale = float(grad_scale) if grad_scale is not None else None
-    return skip, scale
+    return skip, float(lr_tensor) if lr_tensor is not None else lr, scale
 
 
 def _unscaled_grad(g: Tensor, scale: Optional[float]) -> Tensor:
@@ -48,12 +50,9 @@ def _unscaled_grad(g: Tensor, scale: Optional[float]) -> Tensor:
 def fused_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2,
                 weight_decay, eps, amsgrad, maximize, decoupled_weight_decay, lr_tensor=None, grad_scale=None,
                 found_inf=None) -> None:
-    _check_same_device("torchfast.fused_adam_", params)
-    skip, scale = _amp(grad_scale, found_inf)
+    skip, lr, scale = _prologue("torchfast.fused_adam_", params, lr, lr_tensor, grad_scale, found_inf)
     if skip:
         return
-    if lr_tensor is not None:
-        lr = float(lr_tensor)
     for i, param in enumerate(params):
         state_steps[i] += 1
         step = float(state_steps[i])
@@ -84,12 +83,9 @@ def fused_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_ste
 @torch.no_grad()
 def fused_sgd_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
                is_first_step, lr_tensor=None, grad_scale=None, found_inf=None) -> None:
-    _check_same_device("torchfast.fused_sgd_", params)
-    skip, scale = _amp(grad_scale, found_inf)
+    skip, lr, scale = _prologue("torchfast.fused_sgd_", params, lr, lr_tensor, grad_scale, found_inf)
     if skip:
         return
-    if lr_tensor is not None:
-        lr = float(lr_tensor)
     for i, param in enumerate(params):
         p = _acc(param)
         g = _unscaled_grad(grads[i], scale)
