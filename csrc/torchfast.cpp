@@ -24,4 +24,14 @@ TORCH_LIBRARY(torchfast, m) {
       "float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
       "bool maximize, bool is_first_step, Tensor? lr_tensor=None, Tensor? grad_scale=None, "
       "Tensor? found_inf=None) -> ()");
+
+  // ---- gradient clipping (csrc/clip) ---------------------------------------------------------
+  // The norm of all tensors viewed as one vector, for norm_type 2, 1 or inf; a 0-dim tensor on
+  // their device, in their (promoted) dtype, accumulated in fp32 (fp64 for fp64 tensors). Inf/NaN
+  // elements make it inf/NaN, which is how callers detect non-finite gradients in the same pass.
+  m.def("total_norm(Tensor[] tensors, float norm_type) -> Tensor");
+  // grads *= min(max_norm / (total_norm + 1e-6), 1) (torch.nn.utils.clip_grad_norm_'s rule); the
+  // coefficient is computed where total_norm lives (no host sync on CUDA), and when it is 1 the
+  // grads are left untouched (multiplying by 1 would not change them).
+  m.def("clip_grads_with_norm_(Tensor(a!)[] grads, Tensor total_norm, float max_norm) -> ()");
 }

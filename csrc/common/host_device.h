@@ -1,7 +1,8 @@
 // Portable scalar helpers for math shared by the CPU and CUDA kernels.
 // The *_math.h headers are templates over a value type T: float or double on the device and in the
 // CPU tails, at::vec::Vectorized<float/double> in the CPU main loops (csrc/common/vec_map.h adds the
-// overloads for those). Only + - * / and the helpers below may be used inside them.
+// overloads for those, so a CPU kernel file includes it before any *_math.h). Only + - * / and the
+// helpers below may be used inside them.
 #pragma once
 #include <c10/macros/Macros.h>
 #include <cmath>
@@ -14,6 +15,8 @@ template <typename scalar_t>
 using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 C10_HOST_DEVICE inline float tf_sqrt(float x) { return ::sqrtf(x); }
+C10_HOST_DEVICE inline float tf_abs(float x) { return ::fabsf(x); }
+C10_HOST_DEVICE inline double tf_abs(double x) { return ::fabs(x); }
 C10_HOST_DEVICE inline double tf_sqrt(double x) { return ::sqrt(x); }
 C10_HOST_DEVICE inline float tf_max(float a, float b) {
   // NaN-propagating, like torch.maximum.

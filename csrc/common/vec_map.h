@@ -29,6 +29,10 @@ inline at::vec::Vectorized<T> tf_sqrt(const at::vec::Vectorized<T>& x) {
   return x.sqrt();
 }
 template <typename T>
+inline at::vec::Vectorized<T> tf_abs(const at::vec::Vectorized<T>& x) {
+  return x.abs();
+}
+template <typename T>
 inline at::vec::Vectorized<T> tf_max(const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b) {
   return at::vec::maximum(a, b);  // NaN-propagating
 }

@@ -6,8 +6,9 @@
 #include <array>
 #include <vector>
 
+#include "common/vec_map.h"  // first: see common/host_device.h
+//
 #include "common/multi_tensor_cpu.h"
-#include "common/vec_map.h"
 #include "optim/adam_math.h"
 #include "optim/optim_checks.h"
 #include "optim/optim_cpu_common.h"

@@ -1,1 +1,2 @@
-"""Drop-in layers (torchfast.nn) and utilities."""
+"""Drop-in layers (torchfast.nn) and utilities (torchfast.nn.utils: gradient clipping)."""
+from torchfast.nn import utils  # noqa: F401

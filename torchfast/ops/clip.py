@@ -1,0 +1,39 @@
+"""Python face of the clipping ops (csrc/clip): fake registrations and kernel-or-reference dispatch."""
+from __future__ import annotations
+
+import torch
+
+from torchfast import _loader
+from torchfast.ops._registry import compiled_op, register_fake_if_compiled
+from torchfast.reference import clip as ref
+
+
+@register_fake_if_compiled("total_norm")
+def _total_norm_fake(tensors, norm_type):
+    dtype = tensors[0].dtype
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return tensors[0].new_empty((), dtype=dtype)
+
+
+@register_fake_if_compiled("clip_grads_with_norm_")
+def _clip_grads_with_norm_fake(grads, total_norm, max_norm):
+    return None
+
+
+def total_norm(tensors: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+    """Norm of all tensors (one device) viewed as one vector; one multi-tensor pass for 1, 2 and inf."""
+    norm_type = float(norm_type)
+    if tensors and ref.is_kernel_norm_type(norm_type) and _loader.has_kernel("total_norm", tensors[0].device.type):
+        return compiled_op("total_norm")(tensors, norm_type)
+    return ref.total_norm(tensors, norm_type)
+
+
+def clip_grads_with_norm_(grads: list[torch.Tensor], total_norm: torch.Tensor, max_norm: float) -> None:
+    """grads *= min(max_norm / (total_norm + 1e-6), 1), in place (grads and total_norm on one device)."""
+    if not grads:
+        return
+    if _loader.has_kernel("clip_grads_with_norm_", grads[0].device.type):
+        compiled_op("clip_grads_with_norm_")(grads, total_norm, float(max_norm))
+    else:
+        ref.clip_grads_with_norm_(grads, total_norm, float(max_norm))
