@@ -67,55 +67,57 @@ PyObject* call_op(F&& f) {
 
 // fused_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2,
 //             weight_decay, eps, amsgrad, maximize, decoupled_weight_decay, lr_tensor, grad_scale,
-//             found_inf): positional, as in the schema.
+//             found_inf, clip_coef): positional, as in the schema.
 PyObject* fused_adam_(PyObject*, PyObject* args) {
-  PyObject *l0, *l1, *l2, *l3, *l4, *l5, *o_lr, *o_scale, *o_inf;
+  PyObject *l0, *l1, *l2, *l3, *l4, *l5, *o_lr, *o_scale, *o_inf, *o_clip;
   double lr, beta1, beta2, weight_decay, eps;
   int amsgrad, maximize, decoupled;
-  if (!PyArg_ParseTuple(args, "OOOOOOdddddpppOOO", &l0, &l1, &l2, &l3, &l4, &l5, &lr, &beta1, &beta2, &weight_decay,
-                        &eps, &amsgrad, &maximize, &decoupled, &o_lr, &o_scale, &o_inf))
+  if (!PyArg_ParseTuple(args, "OOOOOOdddddpppOOOO", &l0, &l1, &l2, &l3, &l4, &l5, &lr, &beta1, &beta2, &weight_decay,
+                        &eps, &amsgrad, &maximize, &decoupled, &o_lr, &o_scale, &o_inf, &o_clip))
     return nullptr;
   std::vector<at::Tensor> lists[6];
-  std::optional<at::Tensor> lr_t, scale_t, inf_t;
+  std::optional<at::Tensor> lr_t, scale_t, inf_t, clip_t;
   PyObject* seqs[6] = {l0, l1, l2, l3, l4, l5};
   for (int k = 0; k < 6; ++k)
     if (!unpack_list(seqs[k], lists[k])) Py_RETURN_NOTIMPLEMENTED;
-  if (!unpack_optional(o_lr, lr_t) || !unpack_optional(o_scale, scale_t) || !unpack_optional(o_inf, inf_t))
+  if (!unpack_optional(o_lr, lr_t) || !unpack_optional(o_scale, scale_t) || !unpack_optional(o_inf, inf_t) ||
+      !unpack_optional(o_clip, clip_t))
     Py_RETURN_NOTIMPLEMENTED;
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("torchfast::fused_adam_", "")
                              .typed<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                                          at::TensorList, double, double, double, double, double, bool, bool, bool,
-                                         OptTensor, OptTensor, OptTensor)>();
+                                         OptTensor, OptTensor, OptTensor, OptTensor)>();
   return call_op([&] {
     op.call(lists[0], lists[1], lists[2], lists[3], lists[4], lists[5], lr, beta1, beta2, weight_decay, eps,
-            amsgrad != 0, maximize != 0, decoupled != 0, lr_t, scale_t, inf_t);
+            amsgrad != 0, maximize != 0, decoupled != 0, lr_t, scale_t, inf_t, clip_t);
   });
 }
 
 // fused_sgd_(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov,
-//            maximize, is_first_step, lr_tensor, grad_scale, found_inf): positional.
+//            maximize, is_first_step, lr_tensor, grad_scale, found_inf, clip_coef): positional.
 PyObject* fused_sgd_(PyObject*, PyObject* args) {
-  PyObject *l0, *l1, *l2, *o_lr, *o_scale, *o_inf;
+  PyObject *l0, *l1, *l2, *o_lr, *o_scale, *o_inf, *o_clip;
   double lr, momentum, dampening, weight_decay;
   int nesterov, maximize, first;
-  if (!PyArg_ParseTuple(args, "OOOddddpppOOO", &l0, &l1, &l2, &lr, &momentum, &dampening, &weight_decay, &nesterov,
-                        &maximize, &first, &o_lr, &o_scale, &o_inf))
+  if (!PyArg_ParseTuple(args, "OOOddddpppOOOO", &l0, &l1, &l2, &lr, &momentum, &dampening, &weight_decay, &nesterov,
+                        &maximize, &first, &o_lr, &o_scale, &o_inf, &o_clip))
     return nullptr;
   std::vector<at::Tensor> lists[3];
-  std::optional<at::Tensor> lr_t, scale_t, inf_t;
+  std::optional<at::Tensor> lr_t, scale_t, inf_t, clip_t;
   PyObject* seqs[3] = {l0, l1, l2};
   for (int k = 0; k < 3; ++k)
     if (!unpack_list(seqs[k], lists[k])) Py_RETURN_NOTIMPLEMENTED;
-  if (!unpack_optional(o_lr, lr_t) || !unpack_optional(o_scale, scale_t) || !unpack_optional(o_inf, inf_t))
+  if (!unpack_optional(o_lr, lr_t) || !unpack_optional(o_scale, scale_t) || !unpack_optional(o_inf, inf_t) ||
+      !unpack_optional(o_clip, clip_t))
     Py_RETURN_NOTIMPLEMENTED;
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("torchfast::fused_sgd_", "")
                              .typed<void(at::TensorList, at::TensorList, at::TensorList, double, double, double, double,
-                                         bool, bool, bool, OptTensor, OptTensor, OptTensor)>();
+                                         bool, bool, bool, OptTensor, OptTensor, OptTensor, OptTensor)>();
   return call_op([&] {
     op.call(lists[0], lists[1], lists[2], lr, momentum, dampening, weight_decay, nesterov != 0, maximize != 0,
-            first != 0, lr_t, scale_t, inf_t);
+            first != 0, lr_t, scale_t, inf_t, clip_t);
   });
 }
 

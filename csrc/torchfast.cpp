@@ -11,25 +11,28 @@ TORCH_LIBRARY(torchfast, m) {
   // lr_tensor, when given, overrides lr (a device tensor avoids a host sync on CUDA).
   // grad_scale/found_inf come from torch.amp.GradScaler: grads are unscaled in place, and the
   // whole step (step counts included) is skipped when found_inf is non-zero.
+  // clip_coef (a one-element tensor, e.g. min(max_norm / (norm + 1e-6), 1)) multiplies the
+  // unscaled grads inside the update; the grads themselves are not rewritten with it.
   m.def(
       "fused_adam_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
       "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, *, "
       "float lr, float beta1, float beta2, float weight_decay, float eps, bool amsgrad, "
       "bool maximize, bool decoupled_weight_decay, Tensor? lr_tensor=None, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None) -> ()");
   // momentum_buffers is empty when momentum == 0. is_first_step: the buffers are uninitialised
   // and take the (decayed) gradient itself, as torch.optim.SGD does on its first step.
   m.def(
       "fused_sgd_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, *, "
       "float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
       "bool maximize, bool is_first_step, Tensor? lr_tensor=None, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> ()");
+      "Tensor? found_inf=None, Tensor? clip_coef=None) -> ()");
 
   // ---- gradient clipping (csrc/clip) ---------------------------------------------------------
   // The norm of all tensors viewed as one vector, for norm_type 2, 1 or inf; a 0-dim tensor on
-  // their device, in their (promoted) dtype, accumulated in fp32 (fp64 for fp64 tensors). Inf/NaN
-  // elements make it inf/NaN, which is how callers detect non-finite gradients in the same pass.
-  m.def("total_norm(Tensor[] tensors, float norm_type) -> Tensor");
+  // their device, in `dtype` (default: their promoted dtype, as torch returns it), accumulated in
+  // fp32 (fp64 for fp64 tensors). Inf/NaN elements make it inf/NaN, which is how callers detect
+  // non-finite gradients in the same pass.
+  m.def("total_norm(Tensor[] tensors, float norm_type, ScalarType? dtype=None) -> Tensor");
   // grads *= min(max_norm / (total_norm + 1e-6), 1) (torch.nn.utils.clip_grad_norm_'s rule); the
   // coefficient is computed where total_norm lives (no host sync on CUDA), and when it is 1 the
   // grads are left untouched (multiplying by 1 would not change them).

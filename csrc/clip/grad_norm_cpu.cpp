@@ -64,7 +64,7 @@ double total_norm_of(const std::vector<const void*>& data, const std::vector<at:
   return norm_finish<kKind>(total);
 }
 
-at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type) {
+at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type, std::optional<at::ScalarType> dtype) {
   const NormKind kind = check_total_norm_args("torchfast.total_norm", tensors, norm_type);
   const size_t n = tensors.size();
   std::vector<at::Tensor> dense(n);  // non-dense tensors are read through a contiguous copy
@@ -83,7 +83,7 @@ at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type) {
     case NormKind::kOne: norm = total_norm_of<NormKind::kOne>(data, dtypes, numels); break;
     case NormKind::kInf: norm = total_norm_of<NormKind::kInf>(data, dtypes, numels); break;
   }
-  return at::scalar_tensor(norm, at::TensorOptions().dtype(norm_result_dtype(tensors)));
+  return at::scalar_tensor(norm, at::TensorOptions().dtype(dtype.value_or(norm_result_dtype(tensors))));
 }
 
 void clip_grads_with_norm_cpu(at::TensorList grads, const at::Tensor& total_norm, double max_norm) {

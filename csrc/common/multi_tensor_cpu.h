@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace torchfast {
@@ -25,6 +26,17 @@ inline std::vector<CpuChunk> split_into_chunks(const std::vector<int64_t>& numel
     for (int64_t b = 0; b < numels[t]; b += chunk)
       chunks.push_back({static_cast<int64_t>(t), b, std::min(numels[t], b + chunk)});
   return chunks;
+}
+
+// Calls f(std::true_type{}) or f(std::false_type{}): turns a runtime flag into a template argument
+// (decltype(flag)::value), so that kernels carry no per-element branch on it.
+template <typename F>
+inline void with_flag(bool flag, const F& f) {
+  if (flag) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
 }
 
 template <typename F>

@@ -138,6 +138,7 @@ struct DeviceScalars {
   const float* lr = nullptr;
   const float* grad_scale = nullptr;
   const float* found_inf = nullptr;
+  const float* clip_coef = nullptr;
 };
 
 inline const float* device_scalar_f32(const std::optional<at::Tensor>& t, std::vector<at::Tensor>& keep_alive,
@@ -151,11 +152,13 @@ inline const float* device_scalar_f32(const std::optional<at::Tensor>& t, std::v
 
 inline DeviceScalars device_scalars(const char* op, const at::Device& device, const std::optional<at::Tensor>& lr,
                                     const std::optional<at::Tensor>& grad_scale,
-                                    const std::optional<at::Tensor>& found_inf) {
+                                    const std::optional<at::Tensor>& found_inf,
+                                    const std::optional<at::Tensor>& clip_coef) {
   DeviceScalars s;
   s.lr = device_scalar_f32(lr, s.keep_alive, device, op, "lr_tensor");
   s.grad_scale = device_scalar_f32(grad_scale, s.keep_alive, device, op, "grad_scale");
   s.found_inf = device_scalar_f32(found_inf, s.keep_alive, device, op, "found_inf");
+  s.clip_coef = device_scalar_f32(clip_coef, s.keep_alive, device, op, "clip_coef");
   return s;
 }
 

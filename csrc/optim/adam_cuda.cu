@@ -21,7 +21,7 @@ constexpr const char* kOp = "torchfast.fused_adam_";
 template <typename scalar_t>
 __global__ void __launch_bounds__(kCudaBlockThreads)
     adam_kernel(const CudaTensorMeta* tensors, const CudaChunkMeta* chunks, AdamHyper h, const float* lr_ptr,
-                const float* grad_scale_ptr, const float* found_inf_ptr) {
+                const float* grad_scale_ptr, const float* found_inf_ptr, const float* clip_ptr) {
   using acc_t = acc_type_t<scalar_t>;
   if (found_inf_ptr && *found_inf_ptr != 0.f) return;  // inf/nan grads: the step is skipped
   const CudaChunkMeta c = chunks[blockIdx.x];
@@ -31,11 +31,12 @@ __global__ void __launch_bounds__(kCudaBlockThreads)
       adam_element_consts<acc_t>(h, lr, read_scalar(t.step, t.step_is_double) + 1.0);
   const bool has_scale = grad_scale_ptr != nullptr;
   const acc_t scale = has_scale ? static_cast<acc_t>(*grad_scale_ptr) : acc_t(1);
+  const acc_t clip = clip_ptr ? static_cast<acc_t>(*clip_ptr) : acc_t(1);
   // streams: 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq, 4 max_exp_avg_sq
   const uint32_t store = 0b01101u | (h.amsgrad ? 0b10000u : 0u) | (has_scale ? 0b00010u : 0u);
   for_each_chunk_element<scalar_t, 5>(t, c.begin, store, [&](acc_t* x) {
-    if (has_scale) x[1] = x[1] / scale;
-    adam_update(x[0], x[1], x[2], x[3], x[4], consts);
+    if (has_scale) x[1] = x[1] / scale;  // unscaled grads are written back; clipping only feeds the update
+    adam_update(x[0], x[1] * clip, x[2], x[3], x[4], consts);
   });
 }
 
@@ -54,13 +55,13 @@ void fused_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr, double beta1, double beta2,
                      double weight_decay, double eps, bool amsgrad, bool maximize, bool decoupled_weight_decay,
                      const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
-                     const std::optional<at::Tensor>& found_inf) {
+                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef) {
   check_adam_args(kOp, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad);
   const size_t n = params.size();
   if (n == 0) return;
   const at::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
-  const DeviceScalars scalars = device_scalars(kOp, device, lr_tensor, grad_scale, found_inf);
+  const DeviceScalars scalars = device_scalars(kOp, device, lr_tensor, grad_scale, found_inf, clip_coef);
   const AdamHyper h{lr, beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay};
 
   LayoutStager stager;
@@ -85,7 +86,7 @@ void fused_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList
     if (launch.num_chunks > 0) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fused_adam_cuda", [&] {
         adam_kernel<scalar_t><<<launch.num_chunks, kCudaBlockThreads, 0, stream>>>(
-            launch.tensors, launch.chunks, h, scalars.lr, scalars.grad_scale, scalars.found_inf);
+            launch.tensors, launch.chunks, h, scalars.lr, scalars.grad_scale, scalars.found_inf, scalars.clip_coef);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     }

@@ -31,6 +31,13 @@ inline bool resolve_amp(const char* op, const std::optional<at::Tensor>& grad_sc
   return false;
 }
 
+// The clip coefficient multiplying the (unscaled) grads inside the update; 1 without clipping.
+inline double resolve_clip(const char* op, const std::optional<at::Tensor>& clip_coef) {
+  if (!clip_coef.has_value() || !clip_coef->defined()) return 1.0;
+  TORCH_CHECK(clip_coef->numel() == 1, op, ": clip_coef must hold one value, got shape ", clip_coef->sizes());
+  return clip_coef->item<double>();
+}
+
 // Reads and increments a step counter in place (float32 or float64 scalar on the CPU).
 inline double increment_step(const at::Tensor& step) {
   if (step.scalar_type() == at::kDouble) {

@@ -24,40 +24,30 @@ struct SgdTensorWork {
 };
 
 // streams: 0 param, 1 grad, 2 momentum_buffer
-template <typename scalar_t, bool kMomentum, bool kScaled>
+template <typename scalar_t, bool kMomentum, bool kScaled, bool kClipped>
 void sgd_chunk(const SgdTensorWork& w, int64_t begin, int64_t end, const SgdElementConsts<acc_type_t<scalar_t>>& c,
-               double scale) {
+               double scale, double clip) {
   using acc_t = acc_type_t<scalar_t>;
   constexpr uint32_t kLoad = 0b011u | (kMomentum ? 0b100u : 0u);
   constexpr uint32_t kStore = 0b001u | (kMomentum ? 0b100u : 0u) | (kScaled ? 0b010u : 0u);
   auto at_offset = [begin](void* p) { return p ? static_cast<scalar_t*>(p) + begin : nullptr; };
   const std::array<scalar_t*, 3> ptrs = {at_offset(w.param), at_offset(w.grad), at_offset(w.momentum_buffer)};
-  const acc_t s = static_cast<acc_t>(scale);
+  const acc_t s = static_cast<acc_t>(scale), k = static_cast<acc_t>(clip);
   const SgdElementConsts<acc_t> consts = c;
-  map_streams<scalar_t, 3, kLoad, kStore>(ptrs, end - begin, [consts, s](auto& x) {
+  map_streams<scalar_t, 3, kLoad, kStore>(ptrs, end - begin, [consts, s, k](auto& x) {
     using V = std::decay_t<decltype(x[0])>;
     if constexpr (kScaled) x[1] = x[1] / V(s);
-    sgd_update(x[0], x[1], x[2], consts);
+    auto grad = x[1];
+    if constexpr (kClipped) grad = grad * V(k);
+    sgd_update(x[0], grad, x[2], consts);
   });
-}
-
-template <typename scalar_t>
-void sgd_chunk_dispatch(const SgdTensorWork& w, int64_t begin, int64_t end, const SgdHyper& h, double lr,
-                        bool first_step, bool scaled, double scale) {
-  const auto c = sgd_element_consts<acc_type_t<scalar_t>>(h, lr, first_step);
-  if (c.has_momentum) {
-    scaled ? sgd_chunk<scalar_t, true, true>(w, begin, end, c, scale)
-           : sgd_chunk<scalar_t, true, false>(w, begin, end, c, scale);
-  } else {
-    scaled ? sgd_chunk<scalar_t, false, true>(w, begin, end, c, scale)
-           : sgd_chunk<scalar_t, false, false>(w, begin, end, c, scale);
-  }
 }
 
 void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
                    double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
                    bool is_first_step, const std::optional<at::Tensor>& lr_tensor,
-                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                   const std::optional<at::Tensor>& clip_coef) {
   const bool use_momentum = momentum != 0;
   check_sgd_args(kOp, params, grads, momentum_buffers, use_momentum);
   const size_t n = params.size();
@@ -67,6 +57,7 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   bool has_scale;
   if (resolve_amp(kOp, grad_scale, found_inf, scale, has_scale)) return;
   const double lr_value = resolve_lr(kOp, lr, lr_tensor);
+  const double clip = resolve_clip(kOp, clip_coef);
   const SgdHyper h{momentum, dampening, weight_decay, nesterov, maximize};
 
   LayoutStager stager;
@@ -83,7 +74,15 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   parallel_over_chunks(split_into_chunks(numels), [&](const CpuChunk& c) {
     const SgdTensorWork& w = work[c.tensor];
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.dtype, "fused_sgd_cpu", [&] {
-      sgd_chunk_dispatch<scalar_t>(w, c.begin, c.end, h, lr_value, is_first_step, has_scale, scale);
+      const auto consts = sgd_element_consts<acc_type_t<scalar_t>>(h, lr_value, is_first_step);
+      with_flag(consts.has_momentum, [&](auto mom) {
+        with_flag(has_scale, [&](auto scaled) {
+          with_flag(clip != 1.0, [&](auto clipped) {
+            sgd_chunk<scalar_t, decltype(mom)::value, decltype(scaled)::value, decltype(clipped)::value>(
+                w, c.begin, c.end, consts, scale, clip);
+          });
+        });
+      });
     });
   });
   stager.finish();

@@ -20,7 +20,8 @@ constexpr const char* kOp = "torchfast.fused_sgd_";
 template <typename scalar_t>
 __global__ void __launch_bounds__(kCudaBlockThreads)
     sgd_kernel(const CudaTensorMeta* tensors, const CudaChunkMeta* chunks, SgdHyper h, double lr_value,
-               const float* lr_ptr, bool first_step, const float* grad_scale_ptr, const float* found_inf_ptr) {
+               const float* lr_ptr, bool first_step, const float* grad_scale_ptr, const float* found_inf_ptr,
+               const float* clip_ptr) {
   using acc_t = acc_type_t<scalar_t>;
   if (found_inf_ptr && *found_inf_ptr != 0.f) return;
   const CudaChunkMeta c = chunks[blockIdx.x];
@@ -29,25 +30,27 @@ __global__ void __launch_bounds__(kCudaBlockThreads)
   const SgdElementConsts<acc_t> consts = sgd_element_consts<acc_t>(h, lr, first_step);
   const bool has_scale = grad_scale_ptr != nullptr;
   const acc_t scale = has_scale ? static_cast<acc_t>(*grad_scale_ptr) : acc_t(1);
+  const acc_t clip = clip_ptr ? static_cast<acc_t>(*clip_ptr) : acc_t(1);
   // streams: 0 param, 1 grad, 2 momentum_buffer
   const uint32_t store = 0b001u | (h.momentum != 0 ? 0b100u : 0u) | (has_scale ? 0b010u : 0u);
   for_each_chunk_element<scalar_t, 3>(t, c.begin, store, [&](acc_t* x) {
-    if (has_scale) x[1] = x[1] / scale;
-    sgd_update(x[0], x[1], x[2], consts);
+    if (has_scale) x[1] = x[1] / scale;  // unscaled grads are written back; clipping only feeds the update
+    sgd_update(x[0], x[1] * clip, x[2], consts);
   });
 }
 
 void fused_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
                     double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
                     bool is_first_step, const std::optional<at::Tensor>& lr_tensor,
-                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                    const std::optional<at::Tensor>& clip_coef) {
   const bool use_momentum = momentum != 0;
   check_sgd_args(kOp, params, grads, momentum_buffers, use_momentum);
   const size_t n = params.size();
   if (n == 0) return;
   const at::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
-  const DeviceScalars scalars = device_scalars(kOp, device, lr_tensor, grad_scale, found_inf);
+  const DeviceScalars scalars = device_scalars(kOp, device, lr_tensor, grad_scale, found_inf, clip_coef);
   const SgdHyper h{momentum, dampening, weight_decay, nesterov, maximize};
 
   LayoutStager stager;
@@ -69,7 +72,8 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     if (launch.num_chunks == 0) return;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fused_sgd_cuda", [&] {
       sgd_kernel<scalar_t><<<launch.num_chunks, kCudaBlockThreads, 0, stream>>>(
-          launch.tensors, launch.chunks, h, lr, scalars.lr, is_first_step, scalars.grad_scale, scalars.found_inf);
+          launch.tensors, launch.chunks, h, lr, scalars.lr, is_first_step, scalars.grad_scale, scalars.found_inf,
+          scalars.clip_coef);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

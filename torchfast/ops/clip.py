@@ -9,11 +9,8 @@ from torchfast.reference import clip as ref
 
 
 @register_fake_if_compiled("total_norm")
-def _total_norm_fake(tensors, norm_type):
-    dtype = tensors[0].dtype
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return tensors[0].new_empty((), dtype=dtype)
+def _total_norm_fake(tensors, norm_type, dtype=None):
+    return tensors[0].new_empty((), dtype=dtype or ref.promoted_dtype(tensors))
 
 
 @register_fake_if_compiled("clip_grads_with_norm_")
@@ -21,12 +18,13 @@ def _clip_grads_with_norm_fake(grads, total_norm, max_norm):
     return None
 
 
-def total_norm(tensors: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
-    """Norm of all tensors (one device) viewed as one vector; one multi-tensor pass for 1, 2 and inf."""
+def total_norm(tensors: list[torch.Tensor], norm_type: float = 2.0, dtype=None) -> torch.Tensor:
+    """Norm of all tensors (one device) viewed as one vector, in `dtype` (default: the tensors'
+    promoted dtype); one multi-tensor pass for norm types 1, 2 and inf, the reference otherwise."""
     norm_type = float(norm_type)
     if tensors and ref.is_kernel_norm_type(norm_type) and _loader.has_kernel("total_norm", tensors[0].device.type):
-        return compiled_op("total_norm")(tensors, norm_type)
-    return ref.total_norm(tensors, norm_type)
+        return compiled_op("total_norm")(tensors, norm_type, dtype)
+    return ref.total_norm(tensors, norm_type, dtype)
 
 
 def clip_grads_with_norm_(grads: list[torch.Tensor], total_norm: torch.Tensor, max_norm: float) -> None:

@@ -7,6 +7,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from torchfast.ops import clip as clip_ops
+from torchfast.reference.clip import clip_coefficient
+
 
 def scalar_dtype() -> torch.dtype:
     """dtype of the `step` counters, as torch.optim chooses it."""
@@ -20,6 +23,11 @@ def check_lr(lr) -> None:
         lr = float(lr.detach().cpu())
     if not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: {lr}")
+
+
+def check_max_grad_norm(max_grad_norm) -> None:
+    if max_grad_norm is not None and not float(max_grad_norm) > 0.0:
+        raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm} (must be > 0, or None for no clipping)")
 
 
 def check_unsupported(name: str, differentiable: bool) -> None:
@@ -42,10 +50,30 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     GradScaler protocol (`_step_supports_amp_scaling`): torch.amp.GradScaler sets `grad_scale` and
     `found_inf` on the optimizer before `step()`; the kernels unscale the grads in the same pass and
-    skip the whole step when found_inf is non-zero, with no host sync on CUDA.
+    skip the whole step when found_inf is non-zero, with no host sync on CUDA. The ordinary order
+    (scaler.unscale_(opt); clip; scaler.step(opt)) works too.
+
+    Clipping folded into the step (`max_grad_norm`, per param group): one pass computes the group's
+    gradient 2-norm (of the unscaled grads), and the update multiplies each grad by
+    min(max_grad_norm / (norm + 1e-6), 1) on the fly, as clip_grad_norm_ followed by the step would,
+    without a separate scaling pass. The grads keep their unclipped values (unscaled in place under
+    a scaler, as torch's fused optimizers do). `last_grad_norms[i]` is group i's norm at the last
+    step (a device tensor, None where the group does not clip); `last_grad_norm` is the norm over
+    all clipped groups. Non-finite norms follow clip_grad_norm_: without a scaler an inf norm zeroes
+    the update's grads and NaN stays NaN; under a scaler the step is skipped.
     """
 
     _step_supports_amp_scaling = True
+    last_grad_norms: list
+
+    @property
+    def last_grad_norm(self) -> Optional[Tensor]:
+        norms = [n for n in getattr(self, "last_grad_norms", []) if n is not None]
+        if not norms:
+            return None
+        if len(norms) == 1:
+            return norms[0]
+        return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -81,12 +109,24 @@ class FusedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         # Set by torch.amp.GradScaler.step() for the duration of this call (see the class docstring).
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        for group in self.param_groups:
-            self._step_group(group, grad_scale, found_inf)
+        self.last_grad_norms = [None] * len(self.param_groups)
+        for i, group in enumerate(self.param_groups):
+            self._step_group(i, group, grad_scale, found_inf)
         return loss
 
-    def _step_group(self, group, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    def _step_group(self, index: int, group, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
         raise NotImplementedError
+
+    def _clip_coef(self, index: int, group, grads: list[Tensor], grad_scale: Optional[Tensor]) -> Optional[Tensor]:
+        """The clip coefficient for `group` (a device tensor), or None when it does not clip."""
+        max_norm = group.get("max_grad_norm")
+        if max_norm is None or not grads:
+            return None
+        norm = clip_ops.total_norm(grads, 2.0, torch.float32)  # fp32 even for fp16 grads: no overflow
+        if grad_scale is not None:
+            norm = norm / grad_scale.to(device=norm.device, dtype=torch.float32)
+        self.last_grad_norms[index] = norm
+        return clip_coefficient(norm, float(max_norm))
 
     def _reject_sparse(self, p: Tensor) -> None:
         raise RuntimeError(

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from torchfast.ops import optim as ops
-from torchfast.optim._base import FusedOptimizer, check_lr, check_unsupported, lr_arguments, scalar_dtype
+from torchfast.optim._base import (FusedOptimizer, check_lr, check_max_grad_norm, check_unsupported, lr_arguments,
+                                   scalar_dtype)
 
 
 class Adam(FusedOptimizer):
@@ -13,13 +14,15 @@ class Adam(FusedOptimizer):
     State per parameter, as torch.optim.Adam keeps it: `step` (a float32 scalar tensor on the
     parameter's device), `exp_avg`, `exp_avg_sq` and, with amsgrad, `max_exp_avg_sq`.
     `foreach`, `fused` and `capturable` are accepted and kept in the param groups for state_dict
-    compatibility; the step is always the fused one.
+    compatibility; the step is always the fused one. `max_grad_norm` (torchfast's own, per group)
+    folds gradient-norm clipping into the step: see FusedOptimizer.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
-                 decoupled_weight_decay=False):
+                 decoupled_weight_decay=False, max_grad_norm=None):
         check_lr(lr)
+        check_max_grad_norm(max_grad_norm)
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
         if not 0.0 <= betas[0] < 1.0:
@@ -32,6 +35,8 @@ class Adam(FusedOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
+        if max_grad_norm is not None:  # only then: torch.optim's param_group keys otherwise
+            defaults["max_grad_norm"] = max_grad_norm
         super().__init__(params, defaults)
 
     def _group_tensors(self, group):
@@ -68,24 +73,26 @@ class Adam(FusedOptimizer):
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _step_group(self, group, grad_scale, found_inf):
+    def _step_group(self, index, group, grad_scale, found_inf):
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = self._group_tensors(group)
         if not params:
             return
+        clip_coef = self._clip_coef(index, group, grads, grad_scale)
         lr, lr_tensor = lr_arguments(group["lr"], params[0].device)
         beta1, beta2 = group["betas"]
         ops.fused_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr, beta1=float(beta1),
                         beta2=float(beta2), weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),
                         amsgrad=bool(group["amsgrad"]), maximize=bool(group["maximize"]),
                         decoupled_weight_decay=bool(group.get("decoupled_weight_decay", False)),
-                        lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)
+                        lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef)
 
 
 class AdamW(Adam):
     """torch.optim.AdamW (Adam with decoupled weight decay, default weight_decay=1e-2), fused."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 foreach=None, maximize=False, capturable=False, differentiable=False, fused=None):
+                 foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
+                 max_grad_norm=None):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          foreach=foreach, maximize=maximize, capturable=capturable, differentiable=differentiable,
-                         fused=fused, decoupled_weight_decay=True)
+                         fused=fused, decoupled_weight_decay=True, max_grad_norm=max_grad_norm)

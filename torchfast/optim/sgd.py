@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from torchfast.ops import optim as ops
-from torchfast.optim._base import FusedOptimizer, check_lr, check_unsupported, lr_arguments
+from torchfast.optim._base import FusedOptimizer, check_lr, check_max_grad_norm, check_unsupported, lr_arguments
 
 
 class SGD(FusedOptimizer):
@@ -15,8 +15,9 @@ class SGD(FusedOptimizer):
     """
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
-                 maximize=False, foreach=None, differentiable=False, fused=None):
+                 maximize=False, foreach=None, differentiable=False, fused=None, max_grad_norm=None):
         check_lr(lr)
+        check_max_grad_norm(max_grad_norm)
         if momentum < 0.0:
             raise ValueError(f"Invalid momentum value: {momentum}")
         if weight_decay < 0.0:
@@ -27,9 +28,11 @@ class SGD(FusedOptimizer):
         check_unsupported(type(self).__name__, differentiable)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                         maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused)
+        if max_grad_norm is not None:  # only then: torch.optim's param_group keys otherwise
+            defaults["max_grad_norm"] = max_grad_norm
         super().__init__(params, defaults)
 
-    def _step_group(self, group, grad_scale, found_inf):
+    def _step_group(self, index, group, grad_scale, found_inf):
         momentum = float(group["momentum"])
         # One pass: params with a momentum buffer take the ordinary update; the others (first
         # step, or a param that had no grad until now) start their buffer from the gradient.
@@ -53,10 +56,11 @@ class SGD(FusedOptimizer):
         if not ongoing and not starting:
             return
         lr, lr_tensor = lr_arguments(group["lr"], (ongoing or starting)[0].device)
+        clip_coef = self._clip_coef(index, group, ongoing_grads + starting_grads, grad_scale)
         hyper = dict(lr=lr, momentum=momentum, dampening=float(group["dampening"]),
                      weight_decay=float(group["weight_decay"]), nesterov=bool(group["nesterov"]),
                      maximize=bool(group["maximize"]), lr_tensor=lr_tensor, grad_scale=grad_scale,
-                     found_inf=found_inf)
+                     found_inf=found_inf, clip_coef=clip_coef)
         if ongoing:
             ops.fused_sgd_(ongoing, ongoing_grads, buffers, is_first_step=False, **hyper)
         # A skipped AMP step must not leave uninitialised buffers behind: read found_inf on the host

@@ -9,10 +9,17 @@ from torch import Tensor
 _REDUCED = (torch.float16, torch.bfloat16)
 
 
+def promoted_dtype(tensors: list[Tensor]) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 @torch.no_grad()
-def total_norm(tensors: list[Tensor], norm_type: float) -> Tensor:
+def total_norm(tensors: list[Tensor], norm_type: float, dtype=None) -> Tensor:
     """Norm of all tensors viewed as one vector (any norm_type torch.linalg.vector_norm takes),
-    accumulated in fp32 (fp64 for fp64), returned in the promoted dtype of the tensors."""
+    accumulated in fp32 (fp64 for fp64), returned in `dtype` (default: the tensors' promoted dtype)."""
     if not tensors:
         raise RuntimeError("torchfast.total_norm: needs at least one tensor")
     device = tensors[0].device
@@ -20,10 +27,8 @@ def total_norm(tensors: list[Tensor], norm_type: float) -> Tensor:
         if t.device != device:
             raise RuntimeError(f"torchfast.total_norm: all tensors of one call must be on one device; tensors[0] "
                                f"is on {device} but tensors[{i}] is on {t.device}")
-    out_dtype = tensors[0].dtype
-    for t in tensors:
-        out_dtype = torch.promote_types(out_dtype, t.dtype)
-    acc = torch.float64 if out_dtype == torch.float64 else torch.float32
+    out_dtype = dtype or promoted_dtype(tensors)
+    acc = torch.float64 if promoted_dtype(tensors) == torch.float64 else torch.float32
     norms = [torch.linalg.vector_norm(t, norm_type, dtype=acc) for t in tensors]
     return torch.linalg.vector_norm(torch.stack(norms), norm_type).to(out_dtype)
 

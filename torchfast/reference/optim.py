@@ -37,27 +37,31 @@ def _prologue(op: str, params, lr, lr_tensor, grad_scale, found_inf) -> tuple[bo
     return skip, float(lr_tensor) if lr_tensor is not None else lr, scale
 
 
-def _unscaled_grad(g: Tensor, scale: Optional[float]) -> Tensor:
-    """The fp32 (or fp64) gradient; with a scaler, the unscaled value is also written back."""
+def _unscaled_grad(g: Tensor, scale: Optional[float], clip: Optional[float]) -> Tensor:
+    """The fp32 (or fp64) gradient the update uses: unscaled (and the unscaled value written back,
+    as torch's fused optimizers do), then multiplied by the clip coefficient (not written back)."""
     ga = _acc(g)
     if scale is not None:
         ga = ga / scale
         g.copy_(ga)
+    if clip is not None:
+        ga = ga * clip
     return ga
 
 
 @torch.no_grad()
 def fused_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2,
                 weight_decay, eps, amsgrad, maximize, decoupled_weight_decay, lr_tensor=None, grad_scale=None,
-                found_inf=None) -> None:
+                found_inf=None, clip_coef=None) -> None:
     skip, lr, scale = _prologue("torchfast.fused_adam_", params, lr, lr_tensor, grad_scale, found_inf)
     if skip:
         return
+    clip = float(clip_coef) if clip_coef is not None else None
     for i, param in enumerate(params):
         state_steps[i] += 1
         step = float(state_steps[i])
         p, m, v = _acc(param), _acc(exp_avgs[i]), _acc(exp_avg_sqs[i])
-        g = _unscaled_grad(grads[i], scale)
+        g = _unscaled_grad(grads[i], scale, clip)
         if maximize:
             g = -g
         if weight_decay != 0:
@@ -82,13 +86,14 @@ def fused_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_ste
 
 @torch.no_grad()
 def fused_sgd_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
-               is_first_step, lr_tensor=None, grad_scale=None, found_inf=None) -> None:
+               is_first_step, lr_tensor=None, grad_scale=None, found_inf=None, clip_coef=None) -> None:
     skip, lr, scale = _prologue("torchfast.fused_sgd_", params, lr, lr_tensor, grad_scale, found_inf)
     if skip:
         return
+    clip = float(clip_coef) if clip_coef is not None else None
     for i, param in enumerate(params):
         p = _acc(param)
-        g = _unscaled_grad(grads[i], scale)
+        g = _unscaled_grad(grads[i], scale, clip)
         if maximize:
             g = -g
         if weight_decay != 0:
