@@ -29,8 +29,17 @@ def total_norm(tensors: list[Tensor], norm_type: float, dtype=None) -> Tensor:
                                f"is on {device} but tensors[{i}] is on {t.device}")
     out_dtype = dtype or promoted_dtype(tensors)
     acc = torch.float64 if promoted_dtype(tensors) == torch.float64 else torch.float32
-    norms = [torch.linalg.vector_norm(t, norm_type, dtype=acc) for t in tensors]
+    # empty tensors add nothing (the inf-norm of nothing is 0, not an error)
+    norms = [_norm(t, norm_type, acc) for t in tensors if t.numel() > 0]
+    if not norms:
+        return torch.zeros((), dtype=out_dtype, device=device)
     return torch.linalg.vector_norm(torch.stack(norms), norm_type).to(out_dtype)
+
+
+def _norm(t: Tensor, norm_type: float, acc: torch.dtype) -> Tensor:
+    if t.layout != torch.strided:  # sparse norms take no dtype argument
+        return torch.linalg.vector_norm(t.to(acc), norm_type)
+    return torch.linalg.vector_norm(t, norm_type, dtype=acc)
 
 
 def clip_coefficient(total_norm: Tensor, max_norm: float) -> Tensor:
