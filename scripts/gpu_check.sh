@@ -46,7 +46,10 @@ for _ in range(20):
 times.sort()
 copy_gbs = 2 * x.numel() * 4 / times[len(times) // 2] / 1e9
 print(f"device copy: {copy_gbs:.0f} GB/s (read + write, median of 20)")
-for r in json.load(open(sys.argv[1])):
+report = json.load(open(sys.argv[1]))
+for r in report.get("optim", []):
     if r["impl"] == "torchfast":
         print(f"{r['optimizer']:>12} {r['case']:>10}: {r['GB/s']:.0f} GB/s = {100 * r['GB/s'] / copy_gbs:.0f}% of copy")
+for r in report.get("clip", []):
+    print(f"{r['bench']:>32} {r['impl']:>36}: {r['median_ms']:.3f} ms, ratio vs torch {r['ratio']:.2f}")
 PY

@@ -97,6 +97,77 @@ def optimizer_report(device="cpu", rounds=20, warmup=3, cases=tuple(CASES), kind
     return rows
 
 
+def _interleaved_medians(fns: dict, device, rounds: int, warmup: int) -> dict:
+    """Median seconds of each callable, timed round by round in turn (noise hits all alike)."""
+    cuda = torch.device(device).type == "cuda"
+    times = {name: [] for name in fns}
+    for r in range(warmup + rounds):
+        for name, fn in fns.items():
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def clip_report(device="cpu", rounds=20, warmup=3, case="resnet18"):
+    """clip_grad_norm_ (torch foreach vs torchfast), when it does not clip and when every call clips,
+    and torch clip_grad_norm_ + Adam(fused=True) vs torchfast Adam(max_grad_norm)."""
+    params = make_params(case, device)
+    numel = sum(p.numel() for p in params)
+    norm = float(torch.nn.utils.clip_grad_norm_(params, float("inf")))
+    # "clips": every call clips by 0.9 (the norm the grads will have is tracked, so that each call
+    # asks for 0.9 of it); 0.9**60 keeps the grads far from denormals over a run.
+    tracked = {"norm": norm}
+
+    def clipping(fn):
+        def call():
+            tracked["norm"] *= 0.9
+            fn(params, tracked["norm"])
+        return call
+
+    rows = []
+    for label in ("no clipping", "clips"):
+        if label == "no clipping":
+            fns = {"torch": lambda: torch.nn.utils.clip_grad_norm_(params, 1e6 * norm, foreach=True),
+                   "torchfast": lambda: torchfast.nn.utils.clip_grad_norm_(params, 1e6 * norm)}
+        else:
+            fns = {"torch": clipping(lambda ps, m: torch.nn.utils.clip_grad_norm_(ps, m, foreach=True)),
+                   "torchfast": clipping(torchfast.nn.utils.clip_grad_norm_)}
+        med = _interleaved_medians(fns, device, rounds, warmup)
+        # bytes: one read of the grads, plus a read and a write when it clips
+        nbytes = numel * 4 * (3 if label == "clips" else 1)
+        for impl in ("torch", "torchfast"):
+            rows.append({"bench": f"clip_grad_norm_ ({label})", "case": case, "impl": impl,
+                         "median_ms": med[impl] * 1e3, "GB/s": nbytes / med[impl] / 1e9,
+                         "ratio": med[impl] / med["torch"]})
+    clip_always = 0.5 * tracked["norm"]  # below the grads' norm: both clip on every step
+    fused = torch.optim.Adam(params, lr=1e-4, fused=True)
+    ours = torchfast.optim.Adam(params, lr=1e-4, max_grad_norm=clip_always)
+
+    def torch_clip_adam():
+        torch.nn.utils.clip_grad_norm_(params, clip_always, foreach=True)
+        fused.step()
+
+    med = _interleaved_medians({"torch": torch_clip_adam, "torchfast": ours.step}, device, rounds, warmup)
+    for impl, label in (("torch", "clip_grad_norm_ + Adam(fused=True)"), ("torchfast", "Adam(max_grad_norm)")):
+        rows.append({"bench": "clipped Adam step", "case": case, "impl": label, "median_ms": med[impl] * 1e3,
+                     "GB/s": numel * 32 / med[impl] / 1e9, "ratio": med[impl] / med["torch"]})
+    return rows
+
+
+def format_clip_table(rows) -> str:
+    lines = ["| benchmark | case | impl | median ms | GB/s | vs torch |", "|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['bench']} | {r['case']} | {r['impl']} | {r['median_ms']:.2f} | {r['GB/s']:.1f} | "
+                     f"{r['ratio']:.2f} |")
+    return "\n".join(lines)
+
+
 def format_table(rows) -> str:
     lines = ["| optimizer | case | impl | median ms | GB/s | vs torch fused | vs torch foreach |",
              "|---|---|---|---:|---:|---:|---:|"]
