@@ -37,4 +37,21 @@ TORCH_LIBRARY(torchfast, m) {
   // coefficient is computed where total_norm lives (no host sync on CUDA), and when it is 1 the
   // grads are left untouched (multiplying by 1 would not change them).
   m.def("clip_grads_with_norm_(Tensor(a!)[] grads, Tensor total_norm, float max_norm) -> ()");
+
+  // ---- batch norm + residual add + ReLU (csrc/norm) ------------------------------------------
+  // out = relu?(batch_norm(input) + residual?), for (N, C, *) inputs, contiguous or channels_last
+  // (out keeps the input's layout). training: batch statistics, returned as (mean, invstd, biased
+  // var) for backward and for the caller's running-stat update; eval: running_mean/running_var.
+  // Statistics are fp32 (fp64 for fp64 input); the op is functional (it updates no buffer).
+  m.def(
+      "bn_add_relu(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, Tensor? running_mean, "
+      "Tensor? running_var, bool training, float eps, bool relu) -> (Tensor out, Tensor save_mean, "
+      "Tensor save_invstd, Tensor batch_var)");
+  // Gradients of bn_add_relu from its saved output (the ReLU mask is out > 0): one pass for the
+  // per-channel sums, one for the input gradient. grad_residual is the masked grad_out (an empty
+  // tensor when has_residual is false); grad_weight/grad_bias are fp32 (fp64) per-channel sums.
+  m.def(
+      "bn_add_relu_backward(Tensor grad_out, Tensor input, Tensor out, Tensor? weight, Tensor save_mean, "
+      "Tensor save_invstd, bool training, bool relu, bool has_residual) -> (Tensor grad_input, "
+      "Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
 }

@@ -23,5 +23,8 @@ C10_HOST_DEVICE inline float tf_max(float a, float b) {
   return (a != a || a > b) ? a : b;
 }
 C10_HOST_DEVICE inline double tf_max(double a, double b) { return (a != a || a > b) ? a : b; }
+// `value` where `key` > 0, else 0 (ReLU's gradient mask).
+C10_HOST_DEVICE inline float tf_where_positive(float key, float value) { return key > 0.f ? value : 0.f; }
+C10_HOST_DEVICE inline double tf_where_positive(double key, double value) { return key > 0.0 ? value : 0.0; }
 
 }  // namespace torchfast

@@ -33,6 +33,11 @@ inline at::vec::Vectorized<T> tf_abs(const at::vec::Vectorized<T>& x) {
   return x.abs();
 }
 template <typename T>
+inline at::vec::Vectorized<T> tf_where_positive(const at::vec::Vectorized<T>& key, const at::vec::Vectorized<T>& value) {
+  using V = at::vec::Vectorized<T>;
+  return V::blendv(V(T(0)), value, key > V(T(0)));
+}
+template <typename T>
 inline at::vec::Vectorized<T> tf_max(const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b) {
   return at::vec::maximum(a, b);  // NaN-propagating
 }

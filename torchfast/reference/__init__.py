@@ -1,2 +1,2 @@
 """Plain-PyTorch references of every torchfast op (the tests' oracle and the fallback path)."""
-from torchfast.reference import clip, optim  # noqa: F401
+from torchfast.reference import clip, norm, optim  # noqa: F401

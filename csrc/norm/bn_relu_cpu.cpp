@@ -1,0 +1,378 @@
+// CPU kernels of torchfast::bn_add_relu and torchfast::bn_add_relu_backward.
+//
+// Two layouts, both read as flat memory: planar (N, C, S) for contiguous inputs, parallel over
+// channels with Vectorized reductions along S; packed (M, C) rows for channels_last (and 2-D)
+// inputs, parallel over rows with per-thread per-channel accumulators. Anything else is made
+// contiguous first. Statistics accumulate in fp32 vectors and combine in double.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cmath>
+#include <vector>
+
+#include "common/vec_map.h"  // first: see common/host_device.h
+//
+#include "common/multi_tensor_cpu.h"
+#include "norm/bn_relu_checks.h"
+#include "norm/bn_relu_math.h"
+
+namespace torchfast {
+namespace {
+
+// Sums K per-element contributions over one contiguous run of n elements of NS streams.
+// f(x, acc) adds to acc (an array of K accumulators of x's type: Vectorized or scalar).
+template <typename scalar_t, size_t NS, uint32_t kLoad, size_t K, typename F>
+std::array<double, K> reduce_run(const std::array<const scalar_t*, NS>& ptrs, int64_t n, const F& f) {
+  using acc_t = acc_type_t<scalar_t>;
+  using aVec = at::vec::Vectorized<acc_t>;
+  std::array<aVec, K> vacc;
+  std::array<acc_t, K> sacc;
+  for (size_t k = 0; k < K; ++k) {
+    vacc[k] = aVec(acc_t(0));
+    sacc[k] = acc_t(0);
+  }
+  std::array<scalar_t*, NS> mut;
+  for (size_t k = 0; k < NS; ++k) mut[k] = const_cast<scalar_t*>(ptrs[k]);
+  map_streams<scalar_t, NS, kLoad, 0u>(mut, n, [&](auto& x) {
+    using V = std::decay_t<decltype(x[0])>;
+    if constexpr (std::is_same_v<V, acc_t>) {
+      f(x, sacc);
+    } else {
+      f(x, vacc);
+    }
+  });
+  std::array<double, K> out;
+  for (size_t k = 0; k < K; ++k) {
+    alignas(64) acc_t lanes[aVec::size()];
+    vacc[k].store(lanes);
+    double total = sacc[k];
+    for (int64_t l = 0; l < aVec::size(); ++l) total += lanes[l];
+    out[k] = total;
+  }
+  return out;
+}
+
+// Per-channel sums over the packed (M, C) layout: g(row_pointers..., acc) adds row contributions to
+// K per-channel accumulator rows. Rows are summed in fp32 blocks of 256, then in double.
+template <typename scalar_t, size_t K, typename G>
+std::vector<double> packed_channel_sums(int64_t M, int64_t C, const G& g) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int nthreads = at::get_num_threads();
+  std::vector<double> partial(static_cast<size_t>(nthreads) * K * C, 0.0);
+  at::parallel_for(0, M, 256, [&](int64_t begin, int64_t end) {
+    double* mine = partial.data() + static_cast<size_t>(at::get_thread_num()) * K * C;
+    std::vector<acc_t> block(K * C);
+    for (int64_t b = begin; b < end; b += 256) {
+      std::fill(block.begin(), block.end(), acc_t(0));
+      const int64_t e = std::min(end, b + 256);
+      for (int64_t row = b; row < e; ++row) g(row, block.data());
+      for (int64_t i = 0; i < K * C; ++i) mine[i] += block[i];
+    }
+  });
+  std::vector<double> total(K * C, 0.0);
+  for (int t = 0; t < nthreads; ++t)
+    for (int64_t i = 0; i < K * C; ++i) total[i] += partial[static_cast<size_t>(t) * K * C + i];
+  return total;
+}
+
+struct Shape {
+  bool planar;  // (N, C, S) contiguous; else packed (M, C) rows
+  int64_t N, C, S, M;
+};
+
+Shape shape_of(const at::Tensor& x, bool planar) {
+  Shape s;
+  s.planar = planar;
+  s.N = x.size(0);
+  s.C = x.size(1);
+  s.M = s.C > 0 ? x.numel() / s.C : 0;
+  s.S = s.N > 0 ? s.M / s.N : 0;
+  return s;
+}
+
+template <typename T>
+const T* ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->const_data_ptr<T>() : nullptr;
+}
+
+template <typename scalar_t>
+void forward_impl(const at::Tensor& x, const at::Tensor* residual, const std::optional<at::Tensor>& weight,
+                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+                  const std::optional<at::Tensor>& running_var, bool training, double eps, bool relu,
+                  const Shape& sh, at::Tensor& out, at::Tensor& mean_t, at::Tensor& invstd_t, at::Tensor& var_t) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t C = sh.C, M = sh.M;
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* rp = residual ? residual->const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  acc_t* mean = mean_t.mutable_data_ptr<acc_t>();
+  acc_t* invstd = invstd_t.mutable_data_ptr<acc_t>();
+  acc_t* var = var_t.mutable_data_ptr<acc_t>();
+  const acc_t* w = ptr_or_null<acc_t>(weight);
+  const acc_t* b = ptr_or_null<acc_t>(bias);
+
+  // 1. statistics
+  if (!training) {
+    const acc_t* rm = running_mean->const_data_ptr<acc_t>();
+    const acc_t* rv = running_var->const_data_ptr<acc_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      mean[c] = rm[c];
+      var[c] = rv[c];
+      invstd[c] = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(rv[c]) + eps));
+    }
+  } else if (sh.planar) {
+    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        double sum = 0;
+        for (int64_t n = 0; n < sh.N; ++n)
+          sum += reduce_run<scalar_t, 1, 0b1u, 1>({xp + (n * C + c) * sh.S}, sh.S,
+                                                  [](auto& v, auto& acc) { acc[0] = acc[0] + v[0]; })[0];
+        const double mu = M > 0 ? sum / M : 0.0;
+        double ss = 0;
+        for (int64_t n = 0; n < sh.N; ++n)
+          ss += reduce_run<scalar_t, 1, 0b1u, 1>({xp + (n * C + c) * sh.S}, sh.S, [mu](auto& v, auto& acc) {
+                  using V = std::decay_t<decltype(v[0])>;
+                  const V d = v[0] - V(static_cast<acc_t>(mu));
+                  acc[0] = acc[0] + d * d;
+                })[0];
+        mean[c] = static_cast<acc_t>(mu);
+        var[c] = static_cast<acc_t>(M > 0 ? ss / M : 0.0);
+        invstd[c] = static_cast<acc_t>(1.0 / std::sqrt(ss / M + eps));
+      }
+    });
+  } else {
+    const auto sums = packed_channel_sums<scalar_t, 1>(M, C, [&](int64_t row, acc_t* acc) {
+      const scalar_t* r = xp + row * C;
+      for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<acc_t>(r[c]);
+    });
+    std::vector<acc_t> mu(C);
+    for (int64_t c = 0; c < C; ++c) mu[c] = static_cast<acc_t>(sums[c] / M);
+    const auto sq = packed_channel_sums<scalar_t, 1>(M, C, [&](int64_t row, acc_t* acc) {
+      const scalar_t* r = xp + row * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t d = static_cast<acc_t>(r[c]) - mu[c];
+        acc[c] += d * d;
+      }
+    });
+    for (int64_t c = 0; c < C; ++c) {
+      mean[c] = mu[c];
+      var[c] = static_cast<acc_t>(sq[c] / M);
+      invstd[c] = static_cast<acc_t>(1.0 / std::sqrt(sq[c] / M + eps));
+    }
+  }
+
+  // 2. out = relu?(x * scale + shift + residual)
+  std::vector<acc_t> scale(C), shift(C);
+  for (int64_t c = 0; c < C; ++c) {
+    scale[c] = (w ? w[c] : acc_t(1)) * invstd[c];
+    shift[c] = (b ? b[c] : acc_t(0)) - mean[c] * scale[c];
+  }
+  with_flag(rp != nullptr, [&](auto has_res) {
+    constexpr bool kRes = decltype(has_res)::value;
+    if (sh.planar) {
+      at::parallel_for(0, sh.N * C, 1, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t c = p % C, off = p * sh.S;
+          const acc_t k = scale[c], t = shift[c];
+          const std::array<scalar_t*, 3> ptrs = {const_cast<scalar_t*>(xp) + off,
+                                                 kRes ? const_cast<scalar_t*>(rp) + off : nullptr, op + off};
+          map_streams<scalar_t, 3, kRes ? 0b011u : 0b001u, 0b100u>(ptrs, sh.S, [k, t, relu](auto& v) {
+            using V = std::decay_t<decltype(v[0])>;
+            v[2] = bn_add_relu_forward(v[0], v[1], V(k), V(t), relu);
+          });
+        }
+      });
+    } else {
+      at::parallel_for(0, M, 64, [&](int64_t r0, int64_t r1) {
+        for (int64_t row = r0; row < r1; ++row) {
+          const scalar_t* xr = xp + row * C;
+          const scalar_t* rr = kRes ? rp + row * C : nullptr;
+          scalar_t* orow = op + row * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t res = kRes ? static_cast<acc_t>(rr[c]) : acc_t(0);
+            orow[c] = static_cast<scalar_t>(bn_add_relu_forward(static_cast<acc_t>(xr[c]), res, scale[c], shift[c],
+                                                                relu));
+          }
+        }
+      });
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& out,
+                   const std::optional<at::Tensor>& weight, const at::Tensor& mean_t, const at::Tensor& invstd_t,
+                   bool training, bool relu, const Shape& sh, at::Tensor& gx, at::Tensor& gw, at::Tensor& gb,
+                   scalar_t* gres) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t C = sh.C, M = sh.M;
+  const scalar_t* gp = g.const_data_ptr<scalar_t>();
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* outp = out.const_data_ptr<scalar_t>();
+  scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
+  const acc_t* mean = mean_t.const_data_ptr<acc_t>();
+  const acc_t* invstd = invstd_t.const_data_ptr<acc_t>();
+  const acc_t* w = ptr_or_null<acc_t>(weight);
+  acc_t* sum_dy = gb.mutable_data_ptr<acc_t>();        // grad_bias = sum(dy)
+  acc_t* sum_dy_xhat = gw.mutable_data_ptr<acc_t>();   // grad_weight = sum(dy * xhat)
+
+  // 1. per-channel sums of dy (= grad_out masked by the ReLU) and dy * (x - mean)
+  if (sh.planar) {
+    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        double s0 = 0, s1 = 0;
+        const acc_t mu = mean[c];
+        for (int64_t n = 0; n < sh.N; ++n) {
+          const int64_t off = (n * C + c) * sh.S;
+          const auto r = reduce_run<scalar_t, 3, 0b111u, 2>(
+              {gp + off, outp + off, xp + off}, sh.S, [mu, relu](auto& v, auto& acc) {
+                using V = std::decay_t<decltype(v[0])>;
+                const V dy = relu_backward(v[0], v[1], relu);
+                acc[0] = acc[0] + dy;
+                acc[1] = acc[1] + dy * (v[2] - V(mu));
+              });
+          s0 += r[0];
+          s1 += r[1];
+        }
+        sum_dy[c] = static_cast<acc_t>(s0);
+        sum_dy_xhat[c] = static_cast<acc_t>(s1 * invstd[c]);
+      }
+    });
+  } else {
+    const auto sums = packed_channel_sums<scalar_t, 2>(M, C, [&](int64_t row, acc_t* acc) {
+      const scalar_t *gr = gp + row * C, *orow = outp + row * C, *xr = xp + row * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t dy = relu_backward(static_cast<acc_t>(gr[c]), static_cast<acc_t>(orow[c]), relu);
+        acc[c] += dy;
+        acc[C + c] += dy * (static_cast<acc_t>(xr[c]) - mean[c]);
+      }
+    });
+    for (int64_t c = 0; c < C; ++c) {
+      sum_dy[c] = static_cast<acc_t>(sums[c]);
+      sum_dy_xhat[c] = static_cast<acc_t>(sums[C + c] * invstd[c]);
+    }
+  }
+
+  // 2. grad_input (and grad_residual = dy)
+  std::vector<acc_t> k(C), mdy(C), mdyx(C);
+  for (int64_t c = 0; c < C; ++c) {
+    k[c] = (w ? w[c] : acc_t(1)) * invstd[c];
+    mdy[c] = M > 0 ? static_cast<acc_t>(static_cast<double>(sum_dy[c]) / M) : acc_t(0);
+    mdyx[c] = M > 0 ? static_cast<acc_t>(static_cast<double>(sum_dy_xhat[c]) / M) : acc_t(0);
+  }
+  with_flag(gres != nullptr, [&](auto has_res) {
+    constexpr bool kRes = decltype(has_res)::value;
+    if (sh.planar) {
+      at::parallel_for(0, sh.N * C, 1, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t c = p % C, off = p * sh.S;
+          const acc_t kc = k[c], mu = mean[c], is = invstd[c], a = mdy[c], bb = mdyx[c];
+          // streams: 0 grad_out, 1 out, 2 x, 3 grad_input, 4 grad_residual
+          const std::array<scalar_t*, 5> ptrs = {const_cast<scalar_t*>(gp) + off, const_cast<scalar_t*>(outp) + off,
+                                                 const_cast<scalar_t*>(xp) + off, gxp + off,
+                                                 kRes ? gres + off : nullptr};
+          map_streams<scalar_t, 5, 0b00111u, kRes ? 0b11000u : 0b01000u>(
+              ptrs, sh.S, [kc, mu, is, a, bb, relu, training](auto& v) {
+                using V = std::decay_t<decltype(v[0])>;
+                const V dy = relu_backward(v[0], v[1], relu);
+                v[3] = bn_input_grad(dy, v[2], V(mu), V(is), V(kc), V(a), V(bb), training);
+                v[4] = dy;
+              });
+        }
+      });
+    } else {
+      at::parallel_for(0, M, 64, [&](int64_t r0, int64_t r1) {
+        for (int64_t row = r0; row < r1; ++row) {
+          const int64_t off = row * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t dy = relu_backward(static_cast<acc_t>(gp[off + c]), static_cast<acc_t>(outp[off + c]), relu);
+            gxp[off + c] = static_cast<scalar_t>(
+                bn_input_grad(dy, static_cast<acc_t>(xp[off + c]), mean[c], invstd[c], k[c], mdy[c], mdyx[c], training));
+            if (kRes) gres[off + c] = static_cast<scalar_t>(dy);
+          }
+        }
+      });
+    }
+  });
+}
+
+// The layout the kernels read: the input's own when planar or packed, else a contiguous copy.
+at::Tensor kernel_layout(const at::Tensor& x, bool& planar) {
+  if (x.dim() == 2 && x.is_contiguous()) {
+    planar = false;  // (N, C) rows
+    return x;
+  }
+  const auto cl = x.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
+  if ((x.dim() == 4 || x.dim() == 5) && !x.is_contiguous() && x.is_contiguous(cl)) {
+    planar = false;
+    return x;
+  }
+  planar = true;
+  return x.contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_cpu(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, bool training, double eps, bool relu) {
+  check_bn_args("torchfast.bn_add_relu", input, weight, bias, residual, running_mean, running_var, training);
+  bool planar;
+  const at::Tensor x = kernel_layout(input, planar);
+  const Shape sh = shape_of(x, planar);
+  const at::ScalarType stat_dtype = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  // weight/bias/running stats in the statistics dtype, contiguous
+  auto stat = [&](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
+    if (!t.has_value() || !t->defined()) return std::nullopt;
+    return t->to(stat_dtype).contiguous();
+  };
+  const auto w = stat(weight), b = stat(bias), rm = stat(running_mean), rv = stat(running_var);
+  at::Tensor res;
+  if (residual.has_value() && residual->defined()) res = residual->to(x.scalar_type()).contiguous(x.suggest_memory_format());
+  if (res.defined() && res.strides() != x.strides()) res = at::empty_like(x).copy_(*residual);
+  at::Tensor out = at::empty_like(x);
+  const auto opts = input.options().dtype(stat_dtype);
+  at::Tensor mean = at::empty({sh.C}, opts), invstd = at::empty({sh.C}, opts), var = at::empty({sh.C}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_add_relu_cpu", [&] {
+    forward_impl<scalar_t>(x, res.defined() ? &res : nullptr, w, b, rm, rv, training, eps, relu, sh, out, mean,
+                           invstd, var);
+  });
+  return {out, mean, invstd, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& out, const std::optional<at::Tensor>& weight,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training, bool relu, bool has_residual) {
+  check_bn_backward_args("torchfast.bn_add_relu_backward", grad_out, input, out, save_mean, save_invstd);
+  bool planar;
+  const at::Tensor x = kernel_layout(input, planar);
+  const Shape sh = shape_of(x, planar);
+  auto like_x = [&](const at::Tensor& t) {
+    return t.strides() == x.strides() ? t : at::empty_like(x).copy_(t);
+  };
+  const at::Tensor g = like_x(grad_out), o = like_x(out);
+  const at::ScalarType stat_dtype = save_mean.scalar_type();
+  std::optional<at::Tensor> w;
+  if (weight.has_value() && weight->defined()) w = weight->to(stat_dtype).contiguous();
+  const at::Tensor mean = save_mean.contiguous(), invstd = save_invstd.contiguous();
+  at::Tensor gx = at::empty_like(x);
+  at::Tensor gw = at::empty({sh.C}, mean.options()), gb = at::empty({sh.C}, mean.options());
+  at::Tensor gres = has_residual ? at::empty_like(x) : at::empty({0}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_add_relu_backward_cpu", [&] {
+    backward_impl<scalar_t>(g, x, o, w, mean, invstd, training, relu, sh, gx, gw, gb,
+                            has_residual ? gres.mutable_data_ptr<scalar_t>() : nullptr);
+  });
+  return {gx, gw, gb, gres};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchfast, CPU, m) {
+  m.impl("bn_add_relu", &bn_add_relu_cpu);
+  m.impl("bn_add_relu_backward", &bn_add_relu_backward_cpu);
+}
+
+}  // namespace torchfast
