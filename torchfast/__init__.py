@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 _loader.load()
 
-from torchfast import nn, ops, optim, reference  # noqa: E402,F401  (registrations need the library loaded)
+from torchfast import models, nn, ops, optim, reference  # noqa: E402,F401  (registrations need the library loaded)
 
 
 def info() -> dict:
@@ -32,4 +32,4 @@ def info() -> dict:
     }
 
 
-__all__ = ["info", "nn", "ops", "optim", "reference", "__version__"]
+__all__ = ["info", "models", "nn", "ops", "optim", "reference", "__version__"]

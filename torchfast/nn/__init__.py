@@ -1,2 +1,5 @@
-"""Drop-in layers (torchfast.nn) and utilities (torchfast.nn.utils: gradient clipping)."""
-from torchfast.nn import utils  # noqa: F401
+"""Drop-in layers (torchfast.nn), their functional forms and utilities (gradient clipping)."""
+from torchfast.nn import functional, utils  # noqa: F401
+from torchfast.nn.layers import BatchNormAddReLU2d, BatchNormReLU2d, ConvBNReLU2d, ResidualBlock
+
+__all__ = ["BatchNormAddReLU2d", "BatchNormReLU2d", "ConvBNReLU2d", "ResidualBlock", "functional", "utils"]

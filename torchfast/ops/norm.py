@@ -43,7 +43,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _gm, _gi, _gv):
     input, out, weight, mean, invstd = ctx.saved_tensors
     gx, gw, gb, gres = torch.ops.torchfast.bn_add_relu_backward(
-        grad_out.contiguous(memory_format=torch.preserve_format), input, out, weight, mean, invstd, ctx.training,
+        grad_out, input, out, weight, mean, invstd, ctx.training,
         ctx.relu, ctx.has_residual)
     gw = None if ctx.weight_dtype is None else gw.to(ctx.weight_dtype)
     gb = None if ctx.bias_dtype is None else gb.to(ctx.bias_dtype)
