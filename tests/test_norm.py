@@ -1,0 +1,279 @@
+"""Fused batch norm + residual add + ReLU: the ops against their reference, gradcheck, opcheck,
+torch.compile, and the torchfast.nn layers against the torch stacks / cheat-sheet modules they replace."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import torchfast
+from torchfast.reference import norm as ref
+from conftest import require_kernel, tol
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# (shape, layout): odd on purpose — 1x1 spatial, 97 channels, 2-D and 3-D inputs, channels_last
+CASES = [((4, 6, 5, 7), "contiguous"), ((4, 6, 5, 7), "channels_last"), ((3, 97, 1, 1), "contiguous"),
+         ((2, 97, 3, 3), "channels_last"), ((16, 5), "contiguous"), ((3, 4, 11), "contiguous"),
+         ((2, 3, 4, 5), "transposed")]
+
+
+def make_input(shape, layout, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(dtype=dtype, device=device)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        x = x.transpose(2, 3).contiguous().transpose(2, 3)  # neither contiguous nor channels_last
+    return x
+
+
+def channel_tensors(c, dtype, device, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    w, b = torch.randn(c, generator=g), torch.randn(c, generator=g)
+    rm, rv = torch.randn(c, generator=g), torch.rand(c, generator=g) + 0.5
+    return [t.to(dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=device) for t in (w, b, rm, rv)]
+
+
+def close(a, b, dtype, **kw):
+    torch.testing.assert_close(a.float() if a.dtype != torch.float64 else a,
+                               b.float() if b.dtype != torch.float64 else b, **{**tol(dtype), **kw})
+
+
+@pytest.mark.parametrize("shape,layout", CASES, ids=[f"{s}-{l}" for s, l in CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("residual,relu", [(True, True), (False, True), (False, False)])
+def test_kernel_matches_reference(shape, layout, dtype, training, residual, relu, device):
+    require_kernel("bn_add_relu", device)
+    x = make_input(shape, layout, dtype, device)
+    r = make_input(shape, layout, dtype, device, seed=5) if residual else None
+    w, b, rm, rv = channel_tensors(shape[1], dtype, device)
+    got = torch.ops.torchfast.bn_add_relu(x, w, b, r, rm, rv, training, 1e-5, relu)
+    want = ref.bn_add_relu(x, w, b, r, rm, rv, training, 1e-5, relu)
+    for a, e in zip(got, want):
+        close(a, e, dtype)
+    if layout == "channels_last":
+        assert got[0].is_contiguous(memory_format=torch.channels_last)
+    g = make_input(shape, layout, dtype, device, seed=9)
+    got_b = torch.ops.torchfast.bn_add_relu_backward(g, x, got[0], w, got[1], got[2], training, relu, residual)
+    want_b = ref.bn_add_relu_backward(g, x, got[0], w, got[1], got[2], training, relu, residual)
+    for a, e in zip(got_b, want_b):
+        # grad_weight/grad_bias are sums over N*H*W elements: relative tolerance on their scale
+        close(a, e, dtype, atol=tol(dtype)["atol"] * max(1.0, float(e.abs().max()) if e.numel() else 1.0))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gradcheck(training, layout, device):
+    require_kernel("bn_add_relu", device)
+    x = make_input((3, 4, 3, 2), layout, torch.float64, device).requires_grad_()
+    r = make_input((3, 4, 3, 2), layout, torch.float64, device, seed=3).requires_grad_()
+    w, b, rm, rv = channel_tensors(4, torch.float64, device)
+    w.requires_grad_()
+    b.requires_grad_()
+
+    def fn(x, w, b, r):
+        return torch.ops.torchfast.bn_add_relu(x, w, b, r, rm, rv, training, 1e-5, True)[0]
+
+    assert torch.autograd.gradcheck(fn, (x, w, b, r))
+
+
+@pytest.mark.parametrize("op", ["bn_add_relu", "bn_add_relu_backward"])
+def test_opcheck(op, device):
+    require_kernel(op, device)
+    x = make_input((4, 6, 5, 3), "channels_last", torch.float32, device)
+    r = make_input((4, 6, 5, 3), "channels_last", torch.float32, device, seed=2)
+    w, b, rm, rv = channel_tensors(6, torch.float32, device)
+    if op == "bn_add_relu":
+        torch.library.opcheck(torch.ops.torchfast.bn_add_relu.default,
+                              (x.requires_grad_(), w, b, r, rm, rv, True, 1e-5, True))
+        torch.library.opcheck(torch.ops.torchfast.bn_add_relu.default, (x.detach(), w, b, None, rm, rv, False, 1e-5,
+                                                                         False))
+    else:
+        out, mean, invstd, _ = torch.ops.torchfast.bn_add_relu(x, w, b, r, rm, rv, True, 1e-5, True)
+        torch.library.opcheck(torch.ops.torchfast.bn_add_relu_backward.default,
+                              (torch.randn_like(x), x, out, w, mean, invstd, True, True, True))
+
+
+def test_torch_compile_fullgraph_train_step(device):
+    require_kernel("bn_add_relu", device)
+    torch.manual_seed(0)
+    block = torchfast.nn.ResidualBlock(8).to(device)
+    compiled_block = copy.deepcopy(block)
+    compiled = torch.compile(compiled_block, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 8, 6, 6, device=device)
+    y1, y2 = block(x), compiled(x)
+    y1.sum().backward()
+    y2.sum().backward()
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    for p, q in zip(block.parameters(), compiled_block.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4)
+    for a, b in zip(block.buffers(), compiled_block.buffers()):
+        torch.testing.assert_close(a, b)
+
+
+# ---- modules against the torch stacks they replace -------------------------------------------------
+
+
+class SeedResidualBlock(nn.Module):
+    """The cheat sheet's block, verbatim."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        residual = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += residual
+        return self.relu(out)
+
+
+def compare_modules(theirs, ours, make_x, steps=3, forward=lambda m, x: m(x), rtol=1e-5, atol=1e-5):
+    """Outputs, input and parameter grads, and buffers after `steps` train steps then one eval."""
+    for step in range(steps + 1):
+        train = step < steps
+        theirs.train(train)
+        ours.train(train)
+        x1 = make_x(step).requires_grad_()
+        x2 = x1.detach().clone().requires_grad_()
+        y1, y2 = forward(theirs, x1), forward(ours, x2)
+        torch.testing.assert_close(y2, y1, rtol=rtol, atol=atol)
+        g = torch.randn_like(y1)
+        y1.backward(g)
+        y2.backward(g)
+        torch.testing.assert_close(x2.grad, x1.grad, rtol=rtol, atol=atol)
+        # a conv bias before a training-mode BN has a true gradient of 0 (BN removes the mean): its
+        # computed value is rounding noise, so the tolerance follows the largest gradient around
+        scale = max([1.0] + [float(p.grad.abs().max()) for p in theirs.parameters()])
+        for (name, p), q in zip(theirs.named_parameters(), ours.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=rtol, atol=atol * scale, msg=lambda m: f"{name}: {m}")
+            p.grad = q.grad = None
+        for (name, a), b in zip(theirs.named_buffers(), ours.buffers()):
+            torch.testing.assert_close(b, a, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_residual_block_matches_seed(layout, device):
+    torch.manual_seed(0)
+    theirs = SeedResidualBlock(16).to(device)
+    ours = torchfast.nn.ResidualBlock(16).to(device)
+    ours.load_state_dict(theirs.state_dict())  # unchanged keys
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    compare_modules(theirs, ours, lambda s: make_input((3, 16, 9, 7), layout, torch.float32, device, seed=s))
+
+
+def test_residual_block_batch_one_in_eval(device):
+    torch.manual_seed(0)
+    theirs, ours = SeedResidualBlock(8).to(device), torchfast.nn.ResidualBlock(8).to(device)
+    ours.load_state_dict(theirs.state_dict())
+    theirs.eval()
+    ours.eval()
+    x = torch.randn(1, 8, 1, 1, device=device)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("affine,track", [(True, True), (False, True), (True, False)])
+def test_batchnorm_relu_matches_torch(momentum, affine, track, device):
+    theirs = nn.Sequential(nn.BatchNorm2d(7, momentum=momentum, affine=affine, track_running_stats=track),
+                           nn.ReLU()).to(device)
+    ours = torchfast.nn.BatchNormReLU2d(7, momentum=momentum, affine=affine, track_running_stats=track).to(device)
+    ours.load_state_dict(theirs[0].state_dict())
+    compare_modules(theirs, ours, lambda s: make_input((5, 7, 4, 3), "contiguous", torch.float32, device, seed=s))
+    if track:
+        assert int(ours.num_batches_tracked) == 3
+
+
+def test_batchnorm_add_relu_matches_torch(device):
+    bn = nn.BatchNorm2d(5).to(device)
+    ours = torchfast.nn.BatchNormAddReLU2d(5).to(device)
+    ours.load_state_dict(bn.state_dict())
+    residual = make_input((4, 5, 6, 6), "channels_last", torch.float32, device, seed=11)
+
+    class Stack(nn.Module):
+        def __init__(self, bn):
+            super().__init__()
+            self.bn = bn
+
+        def forward(self, x):
+            return torch.relu(self.bn(x) + residual)
+
+    compare_modules(Stack(bn), ours, lambda s: make_input((4, 5, 6, 6), "channels_last", torch.float32, device, s),
+                    forward=lambda m, x: m(x) if isinstance(m, Stack) else m(x, residual))
+
+
+@pytest.mark.parametrize("relu", [True, False])
+def test_conv_bn_relu_loads_the_plain_stack(relu, device):
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 12, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(12, eps=1e-3)]
+    theirs = nn.Sequential(*(layers + ([nn.ReLU()] if relu else []))).to(device)
+    ours = torchfast.nn.ConvBNReLU2d(3, 12, 3, stride=2, padding=1, bias=False, eps=1e-3, relu=relu).to(device)
+    ours.load_state_dict(theirs.state_dict())
+    compare_modules(theirs, ours, lambda s: make_input((2, 3, 15, 13), "contiguous", torch.float32, device, s))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_residual_block_reduced_precision(dtype, device):
+    """bf16/fp16 blocks: no further from an fp32 run than 2x torch's same-dtype block is."""
+    torch.manual_seed(0)
+    theirs = SeedResidualBlock(8).to(device)
+    ours = torchfast.nn.ResidualBlock(8).to(device)
+    ours.load_state_dict(theirs.state_dict())
+    x = make_input((2, 8, 6, 5), "contiguous", torch.float32, device)
+    truth = theirs(x)
+    err_torch = (copy.deepcopy(theirs).to(dtype)(x.to(dtype)).float() - truth).abs().max()
+    err_ours = (ours.to(dtype)(x.to(dtype)).float() - truth).abs().max()
+    assert err_ours <= 2 * err_torch + 1e-3, (float(err_ours), float(err_torch))
+
+
+def test_complex_network_loads_seed_state_dict(device):
+    torch.manual_seed(0)
+
+    class SeedComplexNetwork(nn.Module):
+        def __init__(self, num_classes=10):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                          SeedResidualBlock(64), nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(),
+                                          nn.MaxPool2d(2))
+            self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(128, 256),
+                                            nn.Dropout(0.5), nn.ReLU(), nn.Linear(256, num_classes))
+            self.attention = nn.MultiheadAttention(128, 8)
+
+        def forward(self, x):
+            x = self.features(x)
+            b, c, h, w = x.shape
+            x_attn = x.view(b, c, -1).permute(2, 0, 1)
+            attn_out, _ = self.attention(x_attn, x_attn, x_attn)
+            x = attn_out.permute(1, 2, 0).reshape(b, c, h, w)
+            return self.classifier(x)
+
+    theirs = SeedComplexNetwork().to(device).eval()
+    ours = torchfast.models.ComplexNetwork().to(device).eval()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 3, 16, 16, device=device)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
+    assert torchfast.models.ComplexNetwork(num_classes=4, in_channels=1)(torch.randn(2, 1, 8, 8)).shape == (2, 4)
+
+
+def test_bad_input_errors():
+    with pytest.raises(ValueError, match=r"ResidualBlock\(16\): expected input of shape \(N, 16, H, W\), got \(2, 8, 5, 5\)"):
+        torchfast.nn.ResidualBlock(16)(torch.randn(2, 8, 5, 5))
+    with pytest.raises(ValueError, match="expected 4D input"):
+        torchfast.nn.BatchNormReLU2d(4)(torch.randn(2, 4))
+    with pytest.raises(RuntimeError, match=r"weight must have shape \[3\] \(the input's channels\), got \[4\]"):
+        torchfast.ops.norm.bn_add_relu(torch.randn(2, 3, 4, 4), torch.ones(4), None, None, None, None, True, 1e-5,
+                                       True)
+    with pytest.raises(RuntimeError, match=r"residual has shape \[2, 3, 4, 5\] but input has shape \[2, 3, 4, 4\]"):
+        torchfast.ops.norm.bn_add_relu(torch.randn(2, 3, 4, 4), None, None, torch.randn(2, 3, 4, 5), None, None,
+                                       True, 1e-5, True)
+    with pytest.raises(RuntimeError, match="more than 1 value per channel"):
+        torchfast.ops.norm.bn_add_relu(torch.randn(1, 3, 1, 1), None, None, None, None, None, True, 1e-5, True)
+    with pytest.raises(RuntimeError, match="dtype Int"):
+        torchfast.ops.norm.bn_add_relu(torch.ones(2, 3, 2, 2, dtype=torch.int32), None, None, None, None, None,
+                                       True, 1e-5, True)
