@@ -277,3 +277,38 @@ def test_bad_input_errors():
     with pytest.raises(RuntimeError, match="dtype Int"):
         torchfast.ops.norm.bn_add_relu(torch.ones(2, 3, 2, 2, dtype=torch.int32), None, None, None, None, None,
                                        True, 1e-5, True)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_residual_block_inference_folds_bn(layout, device):
+    torch.manual_seed(0)
+    theirs, ours = SeedResidualBlock(16).to(device), torchfast.nn.ResidualBlock(16).to(device)
+    for bn in (theirs.bn1, theirs.bn2):  # non-trivial running statistics
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    ours.load_state_dict(theirs.state_dict())
+    theirs.eval()
+    ours.eval()
+    x = make_input((2, 16, 9, 7), layout, torch.float32, device)
+    with torch.no_grad():
+        y = ours(x)
+        torch.testing.assert_close(y, theirs(x), rtol=1e-5, atol=1e-5)
+        assert ours._folded is not None  # the folded path ran
+        # the cache follows the parameters and buffers it was built from
+        for m in (theirs, ours):
+            m.bn2.running_mean.add_(0.5)
+            m.conv1.weight.mul_(1.1)
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    ours.train()
+    assert ours._folded is None
+
+
+def test_residual_block_eval_with_grad_does_not_fold(device):
+    torch.manual_seed(0)
+    theirs, ours = SeedResidualBlock(8).to(device).eval(), torchfast.nn.ResidualBlock(8).to(device).eval()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 8, 5, 5, device=device)
+    ours(x).sum().backward()
+    theirs(x).sum().backward()
+    assert ours._folded is None
+    torch.testing.assert_close(ours.conv1.weight.grad, theirs.conv1.weight.grad, rtol=1e-4, atol=1e-4)

@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from torchfast.nn.functional import batch_norm_add_relu
 
-__all__ = ["BatchNormReLU2d", "BatchNormAddReLU2d", "ConvBNReLU2d", "ResidualBlock", "fused_batch_norm"]
+__all__ = ["BatchNormReLU2d", "BatchNormAddReLU2d", "ConvBNReLU2d", "ResidualBlock", "add_relu", "fold_conv_bn",
+           "fused_batch_norm"]
 
 
 def fused_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: Tensor, residual: Optional[Tensor] = None,
@@ -63,9 +64,43 @@ class ConvBNReLU2d(nn.Sequential):
         return fused_batch_norm(self[1], self[0](input), None, relu=self.relu)
 
 
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
+    """Weight and bias of one convolution computing bn(conv(x)) with bn's running statistics."""
+    with torch.no_grad():
+        stat = torch.float64 if conv.weight.dtype == torch.float64 else torch.float32
+        invstd = torch.rsqrt(bn.running_var.to(stat) + bn.eps)
+        scale = invstd if bn.weight is None else invstd * bn.weight.to(stat)
+        shift = -bn.running_mean.to(stat) * scale
+        if conv.bias is not None:
+            shift = shift + conv.bias.to(stat) * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.to(stat)
+        weight = conv.weight.to(stat) * scale.view(-1, *([1] * (conv.weight.dim() - 1)))
+        return weight.to(conv.weight.dtype), shift.to(conv.weight.dtype)
+
+
+def _versions(*tensors) -> tuple:
+    return tuple((t._version, t.data_ptr(), t.dtype, t.device) if t is not None else None for t in tensors)
+
+
+def add_relu(x: Tensor, residual: Tensor) -> Tensor:
+    """relu(x + residual) in one pass: the fused kernel with identity statistics (exact: scale 1, shift 0)."""
+    c = x.size(1)
+    stat = torch.float64 if x.dtype == torch.float64 else torch.float32
+    zeros = torch.zeros(c, dtype=stat, device=x.device)
+    ones = torch.ones(c, dtype=stat, device=x.device)
+    return batch_norm_add_relu(x, zeros, ones, None, None, residual, training=False, eps=0.0, relu=True)
+
+
 class ResidualBlock(nn.Module):
     """The cheat sheet's ResidualBlock (conv-BN-ReLU-conv-BN, + input, ReLU), same constructor and
-    submodules (conv1, bn1, relu, conv2, bn2; convs with bias), so its state_dict loads unchanged."""
+    submodules (conv1, bn1, relu, conv2, bn2; convs with bias), so its state_dict loads unchanged.
+
+    Training: each BN + (residual add) + ReLU is one fused kernel. Inference (eval mode, no
+    gradient needed): the BNs are folded into the convolutions (cached until a parameter or buffer
+    changes), the convolutions run channels_last (faster in oneDNN/cuDNN for inference; the output
+    stays channels_last), and the residual add + ReLU is one fused epilogue.
+    """
 
     def __init__(self, channels: int):
         super().__init__()
@@ -75,10 +110,41 @@ class ResidualBlock(nn.Module):
         self.relu = nn.ReLU()
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
         self.bn2 = nn.BatchNorm2d(channels)
+        self._folded = None  # (versions, (w1, b1, w2, b2)) for inference
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.size(1) != self.channels:
             raise ValueError(f"torchfast.nn.ResidualBlock({self.channels}): expected input of shape "
                              f"(N, {self.channels}, H, W), got {tuple(x.shape)}")
+        if not self.training and self._can_fold(x):
+            return self._inference(x)
         out = fused_batch_norm(self.bn1, self.conv1(x), None, relu=True)
         return fused_batch_norm(self.bn2, self.conv2(out), x, relu=True)
+
+    def _can_fold(self, x: Tensor) -> bool:
+        if self.bn1.running_mean is None or self.bn2.running_mean is None:
+            return False  # no running statistics: eval mode still normalises with batch statistics
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False  # folded weights are constants: gradients need the unfolded path
+        return True
+
+    def _folded_weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        key = _versions(self.conv1.weight, self.conv1.bias, self.conv2.weight, self.conv2.bias,
+                        *(t for bn in (self.bn1, self.bn2)
+                          for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))) + (self.bn1.eps, self.bn2.eps)
+        if self._folded is None or self._folded[0] != key:
+            w1, b1 = fold_conv_bn(self.conv1, self.bn1)
+            w2, b2 = fold_conv_bn(self.conv2, self.bn2)
+            cl = torch.channels_last
+            self._folded = (key, (w1.contiguous(memory_format=cl), b1, w2.contiguous(memory_format=cl), b2))
+        return self._folded[1]
+
+    def _inference(self, x: Tensor) -> Tensor:
+        w1, b1, w2, b2 = self._folded_weights()
+        x = x.contiguous(memory_format=torch.channels_last)
+        out = torch.nn.functional.conv2d(x, w1, b1, padding=1).relu_()
+        return add_relu(torch.nn.functional.conv2d(out, w2, b2, padding=1), x)
+
+    def train(self, mode: bool = True):
+        self._folded = None  # a mode switch drops the folded weights
+        return super().train(mode)
