@@ -168,6 +168,98 @@ def format_clip_table(rows) -> str:
     return "\n".join(lines)
 
 
+class _SeedResidualBlock(torch.nn.Module):
+    """The cheat sheet's ResidualBlock, verbatim: the eager baseline."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn1 = torch.nn.BatchNorm2d(channels)
+        self.relu = torch.nn.ReLU()
+        self.conv2 = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn2 = torch.nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        residual = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += residual
+        return self.relu(out)
+
+
+def norm_report(device="cpu", rounds=10, warmup=2, batch=32, channels=64, size=32):
+    """BN + add + ReLU forward+backward (fused vs eager), and the ResidualBlock train step and
+    inference against the cheat sheet's block (eager, channels_last, torch.compile)."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, channels, size, size, device=device)
+    residual = torch.randn_like(x)
+    rows = []
+
+    bn = torch.nn.BatchNorm2d(channels).to(device)
+    fused_bn = torchfast.nn.BatchNormAddReLU2d(channels).to(device)
+
+    def eager_bn():
+        xi, ri = x.detach().requires_grad_(), residual.detach().requires_grad_()
+        torch.relu(bn(xi) + ri).backward(torch.ones_like(xi))
+
+    def fused():
+        xi, ri = x.detach().requires_grad_(), residual.detach().requires_grad_()
+        fused_bn(xi, ri).backward(torch.ones_like(xi))
+
+    med = _interleaved_medians({"eager": eager_bn, "torchfast": fused}, device, rounds, warmup)
+    # bytes: forward reads x twice (stats) + x, r and writes out; backward reads g, out, x twice and
+    # writes dx, dr: 11 tensors of 4 B per element
+    nbytes = 11 * x.numel() * 4
+    for impl in ("eager", "torchfast"):
+        rows.append({"bench": "BN+add+ReLU fwd+bwd", "impl": impl, "median_ms": med[impl] * 1e3,
+                     "GB/s": nbytes / med[impl] / 1e9, "ratio": med[impl] / med["eager"]})
+
+    seed = _SeedResidualBlock(channels).to(device)
+    ours = torchfast.nn.ResidualBlock(channels).to(device)
+    ours.load_state_dict(seed.state_dict())
+    seed_cl = _SeedResidualBlock(channels).to(device).to(memory_format=torch.channels_last)
+    seed_cl.load_state_dict(seed.state_dict())
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    compiled_block = _SeedResidualBlock(channels).to(device)
+    compiled_block.load_state_dict(seed.state_dict())
+    compiled = torch.compile(compiled_block)
+
+    def train_step(module, inp):
+        def run():
+            xi = inp.detach().requires_grad_()
+            module(xi).sum().backward()
+        return run
+
+    fns = {"seed block (eager)": train_step(seed, x), "torchfast ResidualBlock": train_step(ours, x),
+           "seed block, channels_last": train_step(seed_cl, x_cl),
+           "torchfast ResidualBlock, channels_last in": train_step(ours, x_cl)}
+    fns["seed block, torch.compile"] = train_step(compiled, x)
+    med = _interleaved_medians(fns, device, rounds, warmup)
+    for impl, t in med.items():
+        rows.append({"bench": "ResidualBlock train step", "impl": impl, "median_ms": t * 1e3, "GB/s": float("nan"),
+                     "ratio": t / med["seed block (eager)"]})
+
+    for m in (seed, ours, seed_cl, compiled_block):
+        m.eval()
+    with torch.no_grad():
+        fns = {"seed block (eager)": lambda: seed(x), "torchfast ResidualBlock": lambda: ours(x),
+               "seed block, channels_last": lambda: seed_cl(x_cl),
+               "torchfast ResidualBlock, channels_last in": lambda: ours(x_cl)}
+        med = _interleaved_medians(fns, device, rounds, warmup)
+    for impl, t in med.items():
+        rows.append({"bench": "ResidualBlock inference", "impl": impl, "median_ms": t * 1e3, "GB/s": float("nan"),
+                     "ratio": t / med["seed block (eager)"]})
+    return rows
+
+
+def format_norm_table(rows) -> str:
+    lines = ["| benchmark | impl | median ms | GB/s | vs eager |", "|---|---|---:|---:|---:|"]
+    for r in rows:
+        gbs = "" if r["GB/s"] != r["GB/s"] else f"{r['GB/s']:.1f}"
+        lines.append(f"| {r['bench']} | {r['impl']} | {r['median_ms']:.2f} | {gbs} | {r['ratio']:.2f} |")
+    return "\n".join(lines)
+
+
 def format_table(rows) -> str:
     lines = ["| optimizer | case | impl | median ms | GB/s | vs torch fused | vs torch foreach |",
              "|---|---|---|---:|---:|---:|---:|"]

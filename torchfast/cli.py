@@ -58,6 +58,12 @@ def _bench(args) -> int:
               "interleaved rounds; GB/s counts 4 B/param per pass (clip_grad_norm_: 1 pass, 3 when it clips; "
               "clipped Adam: 32 B/param).\n")
         print(bench.format_clip_table(rows) + "\n")
+    if "norm" in args.suites:
+        rows = report["norm"] = bench.norm_report(device=device, rounds=max(5, args.rounds // 2))
+        print(f"Batch norm + add + ReLU (batch 32, 64 channels, 32x32, fp32) and the cheat sheet's ResidualBlock, "
+              f"{device} ({where}), median of {max(5, args.rounds // 2)} interleaved rounds; GB/s counts 11 "
+              "tensor passes of 4 B per element for the fused BN forward+backward.\n")
+        print(bench.format_norm_table(rows) + "\n")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
@@ -75,8 +81,9 @@ def main(argv=None) -> int:
     p_bench.add_argument("--cases", nargs="+", default=["resnet18", "2000x4096"], choices=["resnet18", "2000x4096"])
     p_bench.add_argument("--optimizers", nargs="+", default=["adam", "adamw", "sgd_momentum"],
                          choices=["adam", "adamw", "sgd_momentum"])
-    p_bench.add_argument("--suites", nargs="+", default=["optim", "clip"], choices=["optim", "clip"],
-                         help="optimizer steps, gradient clipping")
+    p_bench.add_argument("--suites", nargs="+", default=["optim", "clip", "norm"],
+                         choices=["optim", "clip", "norm"],
+                         help="optimizer steps, gradient clipping, fused batch norm / ResidualBlock")
     p_bench.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
     if args.command == "info":

@@ -98,8 +98,8 @@ class ResidualBlock(nn.Module):
 
     Training: each BN + (residual add) + ReLU is one fused kernel. Inference (eval mode, no
     gradient needed): the BNs are folded into the convolutions (cached until a parameter or buffer
-    changes), the convolutions run channels_last (faster in oneDNN/cuDNN for inference; the output
-    stays channels_last), and the residual add + ReLU is one fused epilogue.
+    changes or the mode switches), the convolutions keep the input's layout (channels_last inputs
+    are the fast case on CPU), and the residual add + ReLU is one fused epilogue.
     """
 
     def __init__(self, channels: int):
@@ -136,12 +136,16 @@ class ResidualBlock(nn.Module):
             w1, b1 = fold_conv_bn(self.conv1, self.bn1)
             w2, b2 = fold_conv_bn(self.conv2, self.bn2)
             cl = torch.channels_last
-            self._folded = (key, (w1.contiguous(memory_format=cl), b1, w2.contiguous(memory_format=cl), b2))
+            self._folded = (key, {"contiguous": (w1, b1, w2, b2),
+                                  "channels_last": (w1.contiguous(memory_format=cl), b1,
+                                                    w2.contiguous(memory_format=cl), b2)})
         return self._folded[1]
 
     def _inference(self, x: Tensor) -> Tensor:
-        w1, b1, w2, b2 = self._folded_weights()
-        x = x.contiguous(memory_format=torch.channels_last)
+        # The convolutions follow the input's layout: converting a contiguous input costs more here
+        # than channels_last convolutions save (measured: benchmarks/RESULTS.md).
+        layout = "channels_last" if x.is_contiguous(memory_format=torch.channels_last) else "contiguous"
+        w1, b1, w2, b2 = self._folded_weights()[layout]
         out = torch.nn.functional.conv2d(x, w1, b1, padding=1).relu_()
         return add_relu(torch.nn.functional.conv2d(out, w2, b2, padding=1), x)
 
