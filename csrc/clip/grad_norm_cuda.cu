@@ -13,6 +13,7 @@
 
 #include "clip/clip_checks.h"
 #include "clip/grad_norm_math.h"
+#include "common/cuda_reduce.cuh"
 #include "common/multi_tensor_cuda.cuh"
 #include "common/tensor_lists.h"
 
@@ -21,19 +22,9 @@ namespace {
 
 constexpr int kFinishThreads = 1024;
 
-// Tree reduction of one value per thread; every thread gets the block's result.
 template <NormKind kKind, int kThreads>
-__device__ double block_reduce(double v) {
-  __shared__ double buf[kThreads];
-  buf[threadIdx.x] = v;
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) buf[threadIdx.x] = norm_combine<kKind>(buf[threadIdx.x], buf[threadIdx.x + stride]);
-    __syncthreads();
-  }
-  const double out = buf[0];
-  __syncthreads();
-  return out;
+__device__ double norm_block_reduce(double v) {
+  return block_reduce<kThreads>(v, [](double a, double b) { return norm_combine<kKind>(a, b); });
 }
 
 template <NormKind kKind, typename scalar_t>
@@ -47,7 +38,7 @@ __global__ void __launch_bounds__(kCudaBlockThreads)
   acc_t acc = acc_t(0);
   for (int64_t i = c.begin + threadIdx.x; i < end; i += blockDim.x)
     acc = norm_accumulate<kKind>(acc, static_cast<acc_t>(data[i]));
-  const double total = block_reduce<kKind, kCudaBlockThreads>(static_cast<double>(acc));
+  const double total = norm_block_reduce<kKind, kCudaBlockThreads>(static_cast<double>(acc));
   if (threadIdx.x == 0) partials[blockIdx.x] = total;
 }
 
@@ -55,7 +46,7 @@ template <NormKind kKind>
 __global__ void __launch_bounds__(kFinishThreads) norm_finish_kernel(const double* partials, int64_t n, float* out) {
   double acc = 0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc = norm_combine<kKind>(acc, partials[i]);
-  const double total = block_reduce<kKind, kFinishThreads>(acc);
+  const double total = norm_block_reduce<kKind, kFinishThreads>(acc);
   if (threadIdx.x == 0) *out = static_cast<float>(norm_finish<kKind>(total));
 }
 

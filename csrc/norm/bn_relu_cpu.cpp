@@ -18,6 +18,7 @@
 //
 #include "common/multi_tensor_cpu.h"
 #include "norm/bn_relu_checks.h"
+#include "norm/bn_relu_layout.h"
 #include "norm/bn_relu_math.h"
 
 namespace torchfast {
@@ -79,21 +80,6 @@ std::vector<double> packed_channel_sums(int64_t M, int64_t C, const G& g) {
   return total;
 }
 
-struct Shape {
-  bool planar;  // (N, C, S) contiguous; else packed (M, C) rows
-  int64_t N, C, S, M;
-};
-
-Shape shape_of(const at::Tensor& x, bool planar) {
-  Shape s;
-  s.planar = planar;
-  s.N = x.size(0);
-  s.C = x.size(1);
-  s.M = s.C > 0 ? x.numel() / s.C : 0;
-  s.S = s.N > 0 ? s.M / s.N : 0;
-  return s;
-}
-
 template <typename T>
 const T* ptr_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->const_data_ptr<T>() : nullptr;
@@ -103,7 +89,7 @@ template <typename scalar_t>
 void forward_impl(const at::Tensor& x, const at::Tensor* residual, const std::optional<at::Tensor>& weight,
                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
                   const std::optional<at::Tensor>& running_var, bool training, double eps, bool relu,
-                  const Shape& sh, at::Tensor& out, at::Tensor& mean_t, at::Tensor& invstd_t, at::Tensor& var_t) {
+                  const BnShape& sh, at::Tensor& out, at::Tensor& mean_t, at::Tensor& invstd_t, at::Tensor& var_t) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t C = sh.C, M = sh.M;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -206,7 +192,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor* residual, const std::op
 template <typename scalar_t>
 void backward_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& out,
                    const std::optional<at::Tensor>& weight, const at::Tensor& mean_t, const at::Tensor& invstd_t,
-                   bool training, bool relu, const Shape& sh, at::Tensor& gx, at::Tensor& gw, at::Tensor& gb,
+                   bool training, bool relu, const BnShape& sh, at::Tensor& gx, at::Tensor& gw, at::Tensor& gb,
                    scalar_t* gres) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t C = sh.C, M = sh.M;
@@ -300,39 +286,18 @@ void backward_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& o
   });
 }
 
-// The layout the kernels read: the input's own when planar or packed, else a contiguous copy.
-at::Tensor kernel_layout(const at::Tensor& x, bool& planar) {
-  if (x.dim() == 2 && x.is_contiguous()) {
-    planar = false;  // (N, C) rows
-    return x;
-  }
-  const auto cl = x.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
-  if ((x.dim() == 4 || x.dim() == 5) && !x.is_contiguous() && x.is_contiguous(cl)) {
-    planar = false;
-    return x;
-  }
-  planar = true;
-  return x.contiguous();
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_cpu(
     const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, bool training, double eps, bool relu) {
   check_bn_args("torchfast.bn_add_relu", input, weight, bias, residual, running_mean, running_var, training);
-  bool planar;
-  const at::Tensor x = kernel_layout(input, planar);
-  const Shape sh = shape_of(x, planar);
-  const at::ScalarType stat_dtype = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  // weight/bias/running stats in the statistics dtype, contiguous
-  auto stat = [&](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
-    if (!t.has_value() || !t->defined()) return std::nullopt;
-    return t->to(stat_dtype).contiguous();
-  };
-  const auto w = stat(weight), b = stat(bias), rm = stat(running_mean), rv = stat(running_var);
+  BnShape sh;
+  const at::Tensor x = bn_kernel_layout(input, sh);
+  const at::ScalarType stat_dtype = bn_stat_dtype(input);
+  const auto w = bn_channel_tensor(weight, stat_dtype), b = bn_channel_tensor(bias, stat_dtype);
+  const auto rm = bn_channel_tensor(running_mean, stat_dtype), rv = bn_channel_tensor(running_var, stat_dtype);
   at::Tensor res;
-  if (residual.has_value() && residual->defined()) res = residual->to(x.scalar_type()).contiguous(x.suggest_memory_format());
-  if (res.defined() && res.strides() != x.strides()) res = at::empty_like(x).copy_(*residual);
+  if (residual.has_value() && residual->defined()) res = bn_like_input(*residual, x);
   at::Tensor out = at::empty_like(x);
   const auto opts = input.options().dtype(stat_dtype);
   at::Tensor mean = at::empty({sh.C}, opts), invstd = at::empty({sh.C}, opts), var = at::empty({sh.C}, opts);
@@ -347,16 +312,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_backward_
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& out, const std::optional<at::Tensor>& weight,
     const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training, bool relu, bool has_residual) {
   check_bn_backward_args("torchfast.bn_add_relu_backward", grad_out, input, out, save_mean, save_invstd);
-  bool planar;
-  const at::Tensor x = kernel_layout(input, planar);
-  const Shape sh = shape_of(x, planar);
-  auto like_x = [&](const at::Tensor& t) {
-    return t.strides() == x.strides() ? t : at::empty_like(x).copy_(t);
-  };
-  const at::Tensor g = like_x(grad_out), o = like_x(out);
+  BnShape sh;
+  const at::Tensor x = bn_kernel_layout(input, sh);
+  const at::Tensor g = bn_like_input(grad_out, x), o = bn_like_input(out, x);
   const at::ScalarType stat_dtype = save_mean.scalar_type();
-  std::optional<at::Tensor> w;
-  if (weight.has_value() && weight->defined()) w = weight->to(stat_dtype).contiguous();
+  const auto w = bn_channel_tensor(weight, stat_dtype);
   const at::Tensor mean = save_mean.contiguous(), invstd = save_invstd.contiguous();
   at::Tensor gx = at::empty_like(x);
   at::Tensor gw = at::empty({sh.C}, mean.options()), gb = at::empty({sh.C}, mean.options());

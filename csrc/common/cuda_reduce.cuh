@@ -1,0 +1,21 @@
+// Block-wide reduction for the CUDA kernels: every thread passes one value, every thread gets the
+// block's combination. kThreads must equal blockDim.x and be a power of two.
+#pragma once
+
+namespace torchfast {
+
+template <int kThreads, typename T, typename Op>
+__device__ T block_reduce(T v, Op op) {
+  __shared__ T buf[kThreads];
+  buf[threadIdx.x] = v;
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) buf[threadIdx.x] = op(buf[threadIdx.x], buf[threadIdx.x + stride]);
+    __syncthreads();
+  }
+  const T out = buf[0];
+  __syncthreads();  // buf is reused by the next call
+  return out;
+}
+
+}  // namespace torchfast
