@@ -28,7 +28,7 @@ def _print_info(as_json: bool) -> int:
     print(f"status    {info['status']}")
     print("kernels:")
     for op, devices in info["kernels"].items():
-        print(f"  {op:<14} {', '.join(devices) if devices else 'reference only'}")
+        print(f"  {op:<22} {', '.join(devices) if devices else 'reference only'}")
     return 0
 
 
