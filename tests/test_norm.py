@@ -218,6 +218,25 @@ def test_conv_bn_relu_loads_the_plain_stack(relu, device):
     compare_modules(theirs, ours, lambda s: make_input((2, 3, 15, 13), "contiguous", torch.float32, device, s))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_conv_bn_relu_inference_folds_bn(layout, device):
+    torch.manual_seed(0)
+    theirs = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU()).to(device)
+    theirs[1].running_mean.uniform_(-1, 1)
+    theirs[1].running_var.uniform_(0.5, 2)
+    ours = torchfast.nn.ConvBNReLU2d(4, 6, 3, padding=1).to(device)
+    ours.load_state_dict(theirs.state_dict())
+    theirs.eval()
+    ours.eval()
+    x = make_input((2, 4, 7, 9), layout, torch.float32, device)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+        assert ours._folded.key is not None
+        theirs[1].running_var.mul_(2)
+        ours[1].running_var.mul_(2)
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_residual_block_reduced_precision(dtype, device):
     """bf16/fp16 blocks: no further from an fp32 run than 2x torch's same-dtype block is."""
@@ -293,14 +312,14 @@ def test_residual_block_inference_folds_bn(layout, device):
     with torch.no_grad():
         y = ours(x)
         torch.testing.assert_close(y, theirs(x), rtol=1e-5, atol=1e-5)
-        assert ours._folded is not None  # the folded path ran
+        assert ours._folded[0].key is not None  # the folded path ran
         # the cache follows the parameters and buffers it was built from
         for m in (theirs, ours):
             m.bn2.running_mean.add_(0.5)
             m.conv1.weight.mul_(1.1)
         torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
     ours.train()
-    assert ours._folded is None
+    assert ours._folded[0].key is None
 
 
 def test_residual_block_eval_with_grad_does_not_fold(device):
@@ -310,5 +329,5 @@ def test_residual_block_eval_with_grad_does_not_fold(device):
     x = torch.randn(2, 8, 5, 5, device=device)
     ours(x).sum().backward()
     theirs(x).sum().backward()
-    assert ours._folded is None
+    assert ours._folded[0].key is None
     torch.testing.assert_close(ours.conv1.weight.grad, theirs.conv1.weight.grad, rtol=1e-4, atol=1e-4)

@@ -10,8 +10,8 @@ from torch import Tensor, nn
 
 from torchfast.nn.functional import batch_norm_add_relu
 
-__all__ = ["BatchNormReLU2d", "BatchNormAddReLU2d", "ConvBNReLU2d", "ResidualBlock", "add_relu", "fold_conv_bn",
-           "fused_batch_norm"]
+__all__ = ["BatchNormReLU2d", "BatchNormAddReLU2d", "ConvBNReLU2d", "FoldedConvBN", "ResidualBlock", "add_relu",
+           "can_fold", "fold_conv_bn", "fused_batch_norm"]
 
 
 def fused_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: Tensor, residual: Optional[Tensor] = None,
@@ -59,9 +59,20 @@ class ConvBNReLU2d(nn.Sequential):
             layers.append(nn.ReLU())
         super().__init__(*layers)
         self.relu = relu
+        self._folded = FoldedConvBN()
 
     def forward(self, input: Tensor) -> Tensor:
-        return fused_batch_norm(self[1], self[0](input), None, relu=self.relu)
+        conv, bn = self[0], self[1]
+        if isinstance(conv, nn.Conv2d) and conv.padding_mode == "zeros" and can_fold(self, (bn,), input):
+            weight, bias = self._folded.get(conv, bn, _is_channels_last(input))
+            out = torch.nn.functional.conv2d(input, weight, bias, conv.stride, conv.padding, conv.dilation,
+                                             conv.groups)
+            return out.relu_() if self.relu else out
+        return fused_batch_norm(bn, conv(input), None, relu=self.relu)
+
+    def train(self, mode: bool = True):
+        self._folded = FoldedConvBN()  # a mode switch drops the folded weights
+        return super().train(mode)
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
@@ -81,6 +92,39 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> tuple[
 
 def _versions(*tensors) -> tuple:
     return tuple((t._version, t.data_ptr(), t.dtype, t.device) if t is not None else None for t in tensors)
+
+
+class FoldedConvBN:
+    """The folded weight and bias of one (conv, bn) pair, per memory layout, rebuilt whenever one of
+    the tensors they come from changes (in-place update, load_state_dict, .to(), ...)."""
+
+    def __init__(self):
+        self.key = None
+        self.by_layout: dict = {}
+
+    def get(self, conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm, channels_last: bool) -> tuple[Tensor, Tensor]:
+        key = _versions(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var) + (bn.eps,)
+        if key != self.key:
+            self.key, self.by_layout = key, {}
+        if channels_last not in self.by_layout:
+            weight, bias = fold_conv_bn(conv, bn)
+            if channels_last:
+                weight = weight.contiguous(memory_format=torch.channels_last)
+            self.by_layout[channels_last] = (weight, bias)
+        return self.by_layout[channels_last]
+
+
+def can_fold(module: nn.Module, bns, x: Tensor) -> bool:
+    """Eval mode with running statistics and no gradient wanted: the folded path computes the same."""
+    if module.training or any(bn.running_mean is None or bn.running_var is None for bn in bns):
+        return False  # without running statistics, eval mode still normalises with batch statistics
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())):
+        return False  # folded weights are constants: gradients need the unfolded path
+    return True
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def add_relu(x: Tensor, residual: Tensor) -> Tensor:
@@ -110,45 +154,26 @@ class ResidualBlock(nn.Module):
         self.relu = nn.ReLU()
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
         self.bn2 = nn.BatchNorm2d(channels)
-        self._folded = None  # (versions, (w1, b1, w2, b2)) for inference
+        self._folded = (FoldedConvBN(), FoldedConvBN())  # inference weights of (conv1, bn1), (conv2, bn2)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.size(1) != self.channels:
             raise ValueError(f"torchfast.nn.ResidualBlock({self.channels}): expected input of shape "
                              f"(N, {self.channels}, H, W), got {tuple(x.shape)}")
-        if not self.training and self._can_fold(x):
+        if can_fold(self, (self.bn1, self.bn2), x):
             return self._inference(x)
         out = fused_batch_norm(self.bn1, self.conv1(x), None, relu=True)
         return fused_batch_norm(self.bn2, self.conv2(out), x, relu=True)
 
-    def _can_fold(self, x: Tensor) -> bool:
-        if self.bn1.running_mean is None or self.bn2.running_mean is None:
-            return False  # no running statistics: eval mode still normalises with batch statistics
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
-            return False  # folded weights are constants: gradients need the unfolded path
-        return True
-
-    def _folded_weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        key = _versions(self.conv1.weight, self.conv1.bias, self.conv2.weight, self.conv2.bias,
-                        *(t for bn in (self.bn1, self.bn2)
-                          for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))) + (self.bn1.eps, self.bn2.eps)
-        if self._folded is None or self._folded[0] != key:
-            w1, b1 = fold_conv_bn(self.conv1, self.bn1)
-            w2, b2 = fold_conv_bn(self.conv2, self.bn2)
-            cl = torch.channels_last
-            self._folded = (key, {"contiguous": (w1, b1, w2, b2),
-                                  "channels_last": (w1.contiguous(memory_format=cl), b1,
-                                                    w2.contiguous(memory_format=cl), b2)})
-        return self._folded[1]
-
     def _inference(self, x: Tensor) -> Tensor:
-        # The convolutions follow the input's layout: converting a contiguous input costs more here
-        # than channels_last convolutions save (measured: benchmarks/RESULTS.md).
-        layout = "channels_last" if x.is_contiguous(memory_format=torch.channels_last) else "contiguous"
-        w1, b1, w2, b2 = self._folded_weights()[layout]
+        # The convolutions follow the input's layout: converting a contiguous input costs about what
+        # channels_last convolutions save (measured: benchmarks/RESULTS.md).
+        cl = _is_channels_last(x)
+        w1, b1 = self._folded[0].get(self.conv1, self.bn1, cl)
+        w2, b2 = self._folded[1].get(self.conv2, self.bn2, cl)
         out = torch.nn.functional.conv2d(x, w1, b1, padding=1).relu_()
         return add_relu(torch.nn.functional.conv2d(out, w2, b2, padding=1), x)
 
     def train(self, mode: bool = True):
-        self._folded = None  # a mode switch drops the folded weights
+        self._folded = (FoldedConvBN(), FoldedConvBN())  # a mode switch drops the folded weights
         return super().train(mode)
