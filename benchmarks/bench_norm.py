@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import torchfast
-from torchfast.bench import _SeedResidualBlock
+from torchfast.reference.modules import ResidualBlock as SeedResidualBlock
 
 
 def _input(device):
@@ -39,7 +39,7 @@ def test_bn_add_relu_fwd_bwd(benchmark, impl, device):
 @pytest.mark.parametrize("impl", ["seed", "torchfast"])
 def test_residual_block(benchmark, impl, mode, device):
     x = _input(device)
-    block = (_SeedResidualBlock(64) if impl == "seed" else torchfast.nn.ResidualBlock(64)).to(device)
+    block = (SeedResidualBlock(64) if impl == "seed" else torchfast.nn.ResidualBlock(64)).to(device)
     block.train(mode == "train")
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 

@@ -8,6 +8,8 @@ from torch import nn
 
 import torchfast
 from torchfast.reference import norm as ref
+from torchfast.reference.modules import ComplexNetwork as SeedComplexNetwork
+from torchfast.reference.modules import ResidualBlock as SeedResidualBlock
 from conftest import require_kernel, tol
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -113,25 +115,6 @@ def test_torch_compile_fullgraph_train_step(device):
 
 
 # ---- modules against the torch stacks they replace -------------------------------------------------
-
-
-class SeedResidualBlock(nn.Module):
-    """The cheat sheet's block, verbatim."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.relu = nn.ReLU()
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(channels)
-
-    def forward(self, x):
-        residual = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += residual
-        return self.relu(out)
 
 
 def compare_modules(theirs, ours, make_x, steps=3, forward=lambda m, x: m(x), rtol=1e-5, atol=1e-5):
@@ -253,24 +236,6 @@ def test_residual_block_reduced_precision(dtype, device):
 
 def test_complex_network_loads_seed_state_dict(device):
     torch.manual_seed(0)
-
-    class SeedComplexNetwork(nn.Module):
-        def __init__(self, num_classes=10):
-            super().__init__()
-            self.features = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                          SeedResidualBlock(64), nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(),
-                                          nn.MaxPool2d(2))
-            self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(128, 256),
-                                            nn.Dropout(0.5), nn.ReLU(), nn.Linear(256, num_classes))
-            self.attention = nn.MultiheadAttention(128, 8)
-
-        def forward(self, x):
-            x = self.features(x)
-            b, c, h, w = x.shape
-            x_attn = x.view(b, c, -1).permute(2, 0, 1)
-            attn_out, _ = self.attention(x_attn, x_attn, x_attn)
-            x = attn_out.permute(1, 2, 0).reshape(b, c, h, w)
-            return self.classifier(x)
 
     theirs = SeedComplexNetwork().to(device).eval()
     ours = torchfast.models.ComplexNetwork().to(device).eval()

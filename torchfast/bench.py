@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 import torchfast
+from torchfast.reference import modules as plain
 
 # Bytes moved per parameter per step: Adam reads p, g, m, v and writes p, m, v (7 x 4 B);
 # SGD with momentum reads p, g, buf and writes p, buf (5 x 4 B).
@@ -168,25 +169,6 @@ def format_clip_table(rows) -> str:
     return "\n".join(lines)
 
 
-class _SeedResidualBlock(torch.nn.Module):
-    """The cheat sheet's ResidualBlock, verbatim: the eager baseline."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.conv1 = torch.nn.Conv2d(channels, channels, 3, padding=1)
-        self.bn1 = torch.nn.BatchNorm2d(channels)
-        self.relu = torch.nn.ReLU()
-        self.conv2 = torch.nn.Conv2d(channels, channels, 3, padding=1)
-        self.bn2 = torch.nn.BatchNorm2d(channels)
-
-    def forward(self, x):
-        residual = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += residual
-        return self.relu(out)
-
-
 def norm_report(device="cpu", rounds=10, warmup=2, batch=32, channels=64, size=32):
     """BN + add + ReLU forward+backward (fused vs eager), and the ResidualBlock train step and
     inference against the cheat sheet's block (eager, channels_last, torch.compile)."""
@@ -214,13 +196,13 @@ def norm_report(device="cpu", rounds=10, warmup=2, batch=32, channels=64, size=3
         rows.append({"bench": "BN+add+ReLU fwd+bwd", "impl": impl, "median_ms": med[impl] * 1e3,
                      "GB/s": nbytes / med[impl] / 1e9, "ratio": med[impl] / med["eager"]})
 
-    seed = _SeedResidualBlock(channels).to(device)
+    seed = plain.ResidualBlock(channels).to(device)
     ours = torchfast.nn.ResidualBlock(channels).to(device)
     ours.load_state_dict(seed.state_dict())
-    seed_cl = _SeedResidualBlock(channels).to(device).to(memory_format=torch.channels_last)
+    seed_cl = plain.ResidualBlock(channels).to(device).to(memory_format=torch.channels_last)
     seed_cl.load_state_dict(seed.state_dict())
     x_cl = x.contiguous(memory_format=torch.channels_last)
-    compiled_block = _SeedResidualBlock(channels).to(device)
+    compiled_block = plain.ResidualBlock(channels).to(device)
     compiled_block.load_state_dict(seed.state_dict())
     compiled = torch.compile(compiled_block)
 

@@ -291,41 +291,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_cpu(
     const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, bool training, double eps, bool relu) {
   check_bn_args("torchfast.bn_add_relu", input, weight, bias, residual, running_mean, running_var, training);
-  BnShape sh;
-  const at::Tensor x = bn_kernel_layout(input, sh);
-  const at::ScalarType stat_dtype = bn_stat_dtype(input);
-  const auto w = bn_channel_tensor(weight, stat_dtype), b = bn_channel_tensor(bias, stat_dtype);
-  const auto rm = bn_channel_tensor(running_mean, stat_dtype), rv = bn_channel_tensor(running_var, stat_dtype);
-  at::Tensor res;
-  if (residual.has_value() && residual->defined()) res = bn_like_input(*residual, x);
-  at::Tensor out = at::empty_like(x);
-  const auto opts = input.options().dtype(stat_dtype);
-  at::Tensor mean = at::empty({sh.C}, opts), invstd = at::empty({sh.C}, opts), var = at::empty({sh.C}, opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_add_relu_cpu", [&] {
-    forward_impl<scalar_t>(x, res.defined() ? &res : nullptr, w, b, rm, rv, training, eps, relu, sh, out, mean,
-                           invstd, var);
+  BnForward f = prepare_bn_forward(input, weight, bias, residual, running_mean, running_var);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.x.scalar_type(), "bn_add_relu_cpu", [&] {
+    forward_impl<scalar_t>(f.x, f.residual.defined() ? &f.residual : nullptr, f.weight, f.bias, f.running_mean,
+                           f.running_var, training, eps, relu, f.sh, f.out, f.mean, f.invstd, f.var);
   });
-  return {out, mean, invstd, var};
+  return {f.out, f.mean, f.invstd, f.var};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& out, const std::optional<at::Tensor>& weight,
     const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training, bool relu, bool has_residual) {
   check_bn_backward_args("torchfast.bn_add_relu_backward", grad_out, input, out, save_mean, save_invstd);
-  BnShape sh;
-  const at::Tensor x = bn_kernel_layout(input, sh);
-  const at::Tensor g = bn_like_input(grad_out, x), o = bn_like_input(out, x);
-  const at::ScalarType stat_dtype = save_mean.scalar_type();
-  const auto w = bn_channel_tensor(weight, stat_dtype);
-  const at::Tensor mean = save_mean.contiguous(), invstd = save_invstd.contiguous();
-  at::Tensor gx = at::empty_like(x);
-  at::Tensor gw = at::empty({sh.C}, mean.options()), gb = at::empty({sh.C}, mean.options());
-  at::Tensor gres = has_residual ? at::empty_like(x) : at::empty({0}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_add_relu_backward_cpu", [&] {
-    backward_impl<scalar_t>(g, x, o, w, mean, invstd, training, relu, sh, gx, gw, gb,
-                            has_residual ? gres.mutable_data_ptr<scalar_t>() : nullptr);
+  BnBackward b = prepare_bn_backward(grad_out, input, out, weight, save_mean, save_invstd, has_residual);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.x.scalar_type(), "bn_add_relu_backward_cpu", [&] {
+    backward_impl<scalar_t>(b.grad_out, b.x, b.out, b.weight, b.mean, b.invstd, training, relu, b.sh, b.grad_input,
+                            b.grad_weight, b.grad_bias,
+                            has_residual ? b.grad_residual.mutable_data_ptr<scalar_t>() : nullptr);
   });
-  return {gx, gw, gb, gres};
+  return {b.grad_input, b.grad_weight, b.grad_bias, b.grad_residual};
 }
 
 }  // namespace

@@ -141,16 +141,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_cuda(
     const std::optional<at::Tensor>& running_var, bool training, double eps, bool relu) {
   check_bn_args("torchfast.bn_add_relu", input, weight, bias, residual, running_mean, running_var, training);
   const c10::cuda::CUDAGuard guard(input.device());
-  BnShape sh;
-  const at::Tensor x = bn_kernel_layout(input, sh);
-  const at::ScalarType stat_dtype = bn_stat_dtype(input);
-  const auto w = bn_channel_tensor(weight, stat_dtype), b = bn_channel_tensor(bias, stat_dtype);
-  const auto rm = bn_channel_tensor(running_mean, stat_dtype), rv = bn_channel_tensor(running_var, stat_dtype);
-  at::Tensor res;
-  if (residual.has_value() && residual->defined()) res = bn_like_input(*residual, x);
-  at::Tensor out = at::empty_like(x);
-  const auto opts = input.options().dtype(stat_dtype);
-  at::Tensor mean = at::empty({sh.C}, opts), invstd = at::empty({sh.C}, opts), var = at::empty({sh.C}, opts);
+  BnForward f = prepare_bn_forward(input, weight, bias, residual, running_mean, running_var);
+  const BnShape& sh = f.sh;
+  const at::Tensor &x = f.x, &res = f.residual;
+  at::Tensor &out = f.out, &mean = f.mean, &invstd = f.invstd, &var = f.var;
+  const auto &w = f.weight, &b = f.bias, &rm = f.running_mean, &rv = f.running_var;
   if (sh.C == 0) return {out, mean, invstd, var};
   const Geometry g = geometry(sh);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -185,15 +180,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_backward_
     const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training, bool relu, bool has_residual) {
   check_bn_backward_args("torchfast.bn_add_relu_backward", grad_out, input, out, save_mean, save_invstd);
   const c10::cuda::CUDAGuard guard(input.device());
-  BnShape sh;
-  const at::Tensor x = bn_kernel_layout(input, sh);
-  const at::Tensor g_out = bn_like_input(grad_out, x), o = bn_like_input(out, x);
-  const at::ScalarType stat_dtype = save_mean.scalar_type();
-  const auto w = bn_channel_tensor(weight, stat_dtype);
-  const at::Tensor mean = save_mean.contiguous(), invstd = save_invstd.contiguous();
-  at::Tensor gx = at::empty_like(x);
-  at::Tensor gw = at::empty({sh.C}, mean.options()), gb = at::empty({sh.C}, mean.options());
-  at::Tensor gres = has_residual ? at::empty_like(x) : at::empty({0}, x.options());
+  BnBackward bw = prepare_bn_backward(grad_out, input, out, weight, save_mean, save_invstd, has_residual);
+  const BnShape& sh = bw.sh;
+  const at::Tensor &x = bw.x, &g_out = bw.grad_out, &o = bw.out, &mean = bw.mean, &invstd = bw.invstd;
+  at::Tensor &gx = bw.grad_input, &gw = bw.grad_weight, &gb = bw.grad_bias, &gres = bw.grad_residual;
+  const auto& w = bw.weight;
   if (sh.C == 0) return {gx, gw, gb, gres};
   const Geometry g = geometry(sh);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();

@@ -4,6 +4,7 @@
 // fp64 inputs); tensors that go with the input (residual, grad_out, out) in the input's layout.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 
 #include <optional>
@@ -49,6 +50,59 @@ inline std::optional<at::Tensor> bn_channel_tensor(const std::optional<at::Tenso
 inline at::Tensor bn_like_input(const at::Tensor& t, const at::Tensor& x) {
   if (t.scalar_type() == x.scalar_type() && t.strides() == x.strides()) return t;
   return at::empty_like(x).copy_(t);
+}
+
+// The forward's inputs in kernel layout, and its outputs allocated (out in x's layout; mean,
+// invstd and var per channel in the statistics dtype).
+struct BnForward {
+  BnShape sh;
+  at::Tensor x, residual, out, mean, invstd, var;  // residual undefined when absent
+  std::optional<at::Tensor> weight, bias, running_mean, running_var;
+};
+
+inline BnForward prepare_bn_forward(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                                    const std::optional<at::Tensor>& running_mean,
+                                    const std::optional<at::Tensor>& running_var) {
+  BnForward f;
+  f.x = bn_kernel_layout(input, f.sh);
+  const at::ScalarType stat = bn_stat_dtype(input);
+  f.weight = bn_channel_tensor(weight, stat);
+  f.bias = bn_channel_tensor(bias, stat);
+  f.running_mean = bn_channel_tensor(running_mean, stat);
+  f.running_var = bn_channel_tensor(running_var, stat);
+  if (residual.has_value() && residual->defined()) f.residual = bn_like_input(*residual, f.x);
+  f.out = at::empty_like(f.x);
+  const auto opts = input.options().dtype(stat);
+  f.mean = at::empty({f.sh.C}, opts);
+  f.invstd = at::empty({f.sh.C}, opts);
+  f.var = at::empty({f.sh.C}, opts);
+  return f;
+}
+
+// The backward's inputs in kernel layout, and its outputs allocated (grad_residual empty when
+// there is no residual).
+struct BnBackward {
+  BnShape sh;
+  at::Tensor grad_out, x, out, mean, invstd, grad_input, grad_weight, grad_bias, grad_residual;
+  std::optional<at::Tensor> weight;
+};
+
+inline BnBackward prepare_bn_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& out,
+                                      const std::optional<at::Tensor>& weight, const at::Tensor& save_mean,
+                                      const at::Tensor& save_invstd, bool has_residual) {
+  BnBackward b;
+  b.x = bn_kernel_layout(input, b.sh);
+  b.grad_out = bn_like_input(grad_out, b.x);
+  b.out = bn_like_input(out, b.x);
+  b.weight = bn_channel_tensor(weight, save_mean.scalar_type());
+  b.mean = save_mean.contiguous();
+  b.invstd = save_invstd.contiguous();
+  b.grad_input = at::empty_like(b.x);
+  b.grad_weight = at::empty({b.sh.C}, b.mean.options());
+  b.grad_bias = at::empty({b.sh.C}, b.mean.options());
+  b.grad_residual = has_residual ? at::empty_like(b.x) : at::empty({0}, b.x.options());
+  return b;
 }
 
 }  // namespace torchfast
