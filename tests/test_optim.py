@@ -425,3 +425,34 @@ def test_mixed_devices_get_clear_error():
         p.grad = torch.ones_like(p)
     with pytest.raises(RuntimeError, match="one device"):
         torchfast.optim.Adam(params).step()
+
+
+# ---- the eager entry points and the Autograd-key kernels ---------------------------------------------
+
+
+def test_tensor_subclasses_take_the_torch_ops_path():
+    """The eager entry points accept plain tensors and Parameters only; a subclass goes through torch.ops."""
+    require_kernel("fused_sgd_", "cpu")
+
+    class Tagged(torch.Tensor):
+        pass
+
+    params = [torch.ones(5).as_subclass(Tagged), torch.nn.Parameter(torch.ones(3))]
+    grads = [torch.full((5,), 2.0), torch.full((3,), 2.0)]
+    with torch.no_grad():
+        torchfast.ops.optim.fused_sgd_(params, grads, [], lr=0.5)
+    assert all(torch.equal(p, torch.zeros_like(p)) for p in params)
+
+
+def test_in_place_update_bumps_versions_and_refuses_grad_mode():
+    require_kernel("fused_adam_", "cpu")
+    p = torch.nn.Parameter(torch.ones(4))
+    p.grad = torch.ones(4)
+    opt = torchfast.optim.Adam([p], lr=0.1)
+    before = p._version
+    opt.step()
+    assert p._version > before, "autograd must see the in-place update"
+    lists = [[p], [p.grad], [torch.zeros(4)], [torch.zeros(4)], [], [torch.zeros(())]]
+    with pytest.raises(RuntimeError, match="call it under torch.no_grad"):
+        torch.ops.torchfast.fused_adam_(*lists, lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0, eps=1e-8,
+                                        amsgrad=False, maximize=False, decoupled_weight_decay=False)
