@@ -1,0 +1,191 @@
+"""The training loop of the cheat sheet, done right once: AMP, gradient accumulation, clipping after
+unscaling, per-batch or per-epoch LR schedules, validation under eval() and no_grad(), callbacks,
+atomic checkpoints with the full state, exact resume, and a resumable checkpoint on Ctrl-C."""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from torchfast.nn.utils import clip_grad_norm_
+from torchfast.optim._base import FusedOptimizer
+from torchfast.train.callbacks import Callback
+from torchfast.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+
+AMP_MODES = (None, "bf16", "fp16")
+
+
+def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """Fraction of rows whose argmax is the target (classification)."""
+    return float((outputs.argmax(dim=1) == targets).float().mean())
+
+
+class Trainer:
+    """fit(epochs) trains `model` with `optimizer` on `train_loader`, validating on `val_loader`.
+
+    amp: None, "bf16" (autocast, CPU and GPU) or "fp16" (autocast + GradScaler, GPU).
+    grad_accum_steps: optimizer steps every N batches (the loss is divided by N).
+    max_grad_norm: clip the gradient norm; torchfast optimizers fold it into their fused step (set on
+        their param groups), others get clip_grad_norm_ after the scaler has unscaled the grads.
+    scheduler, scheduler_interval: stepped after every optimizer step ("batch", e.g. OneCycleLR) or
+        after every epoch ("epoch").
+    metric: f(outputs, targets) -> float for validation (default: accuracy); None for loss only.
+    checkpoint_dir: where Ctrl-C writes `interrupted.pt`, a resumable checkpoint (a resumed run
+        restarts the interrupted epoch from its first batch with the weights reached so far).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable,
+                 train_loader: Iterable, val_loader: Optional[Iterable] = None, *, device=None,
+                 amp: Optional[str] = None, grad_accum_steps: int = 1, max_grad_norm: Optional[float] = None,
+                 scheduler=None, scheduler_interval: str = "epoch", metric: Optional[Callable] = accuracy,
+                 callbacks: Iterable[Callback] = (), checkpoint_dir: Optional[str] = None, log: Callable = print):
+        if amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
+        if grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+        if scheduler_interval not in ("batch", "epoch"):
+            raise ValueError(f"scheduler_interval must be 'batch' or 'epoch', got {scheduler_interval!r}")
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        if amp == "fp16" and self.device.type != "cuda":
+            raise ValueError("amp='fp16' needs a GPU (fp16 autocast with a GradScaler); use amp='bf16' on the CPU")
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.amp, self.grad_accum_steps, self.max_grad_norm = amp, grad_accum_steps, max_grad_norm
+        self.scheduler, self.scheduler_interval, self.metric = scheduler, scheduler_interval, metric
+        self.callbacks = sorted(callbacks, key=lambda c: c.runs_last)
+        self.checkpoint_dir, self.log = checkpoint_dir, log
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
+        self.epoch = 0  # epochs completed
+        self.global_step = 0  # optimizer steps taken
+        self.history: list[dict] = []
+        self.should_stop = False
+        if max_grad_norm is not None and isinstance(optimizer, FusedOptimizer):
+            for group in optimizer.param_groups:  # one norm pass, the clip inside the fused update
+                group["max_grad_norm"] = float(max_grad_norm)
+
+    # ---- state --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict(), "epoch": self.epoch, "global_step": self.global_step,
+            "history": self.history, "rng": rng_state(),
+            "callbacks": [c.state_dict() for c in self.callbacks],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise RuntimeError(f"the checkpoint does not match this model/optimizer: {e}") from e
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
+        self.history = list(state.get("history", []))
+        for cb, cb_state in zip(self.callbacks, state.get("callbacks", [])):
+            cb.load_state_dict(cb_state)
+        set_rng_state(state["rng"])
+
+    def save_checkpoint(self, path: str) -> str:
+        return save_checkpoint(self.state_dict(), path)
+
+    def resume(self, path: str) -> None:
+        self.load_state_dict(load_checkpoint(path, map_location=self.device))
+
+    # ---- loop ---------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _to_device(self, batch):
+        inputs, targets = batch
+        return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+
+    def _optimizer_step(self) -> None:
+        if self.max_grad_norm is not None and not isinstance(self.optimizer, FusedOptimizer):
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+            clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        if self.scheduler is not None and self.scheduler_interval == "batch":
+            self.scheduler.step()
+
+    def train_epoch(self) -> dict:
+        self.model.train()
+        total_loss, samples, start = 0.0, 0, time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        pending = 0
+        for batch in self.train_loader:
+            inputs, targets = self._to_device(batch)
+            with self._autocast():
+                loss = self.loss_fn(self.model(inputs), targets)
+            self.scaler.scale(loss / self.grad_accum_steps).backward()
+            pending += 1
+            total_loss += float(loss.detach()) * len(targets)
+            samples += len(targets)
+            if pending == self.grad_accum_steps:
+                self._optimizer_step()
+                pending = 0
+        if pending:  # the epoch's last, shorter accumulation
+            self._optimizer_step()
+        seconds = time.perf_counter() - start
+        return {"train_loss": total_loss / max(samples, 1), "samples_per_s": samples / max(seconds, 1e-9)}
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        if self.val_loader is None:
+            return {}
+        self.model.eval()
+        total_loss, total_metric, samples = 0.0, 0.0, 0
+        for batch in self.val_loader:
+            inputs, targets = self._to_device(batch)
+            with self._autocast():
+                outputs = self.model(inputs)
+                loss = self.loss_fn(outputs, targets)
+            total_loss += float(loss) * len(targets)
+            if self.metric is not None:
+                total_metric += self.metric(outputs.float(), targets) * len(targets)
+            samples += len(targets)
+        metrics = {"val_loss": total_loss / max(samples, 1)}
+        if self.metric is not None:
+            metrics["val_" + getattr(self.metric, "__name__", "metric")] = total_metric / max(samples, 1)
+        return metrics
+
+    def fit(self, epochs: int, resume_from: Optional[str] = None) -> list[dict]:
+        """Trains until `epochs` epochs are complete (counting those of a resumed checkpoint)."""
+        if resume_from is not None:
+            self.resume(resume_from)
+        self.should_stop = False
+        try:
+            while self.epoch < epochs and not self.should_stop:
+                metrics = {"epoch": self.epoch + 1, **self.train_epoch(), **self.validate(),
+                           "lr": self.optimizer.param_groups[0]["lr"]}
+                metrics = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
+                if self.scheduler is not None and self.scheduler_interval == "epoch":
+                    self.scheduler.step()
+                self.epoch += 1
+                self.history.append(metrics)
+                for cb in self.callbacks:
+                    cb.on_epoch_end(self, metrics)
+                self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                  for k, v in metrics.items()))
+        except KeyboardInterrupt:
+            if self.checkpoint_dir is not None:
+                path = self.save_checkpoint(os.path.join(self.checkpoint_dir, "interrupted.pt"))
+                self.log(f"interrupted: resumable checkpoint written to {path}")
+            raise
+        return self.history
+
