@@ -1,9 +1,10 @@
-"""The `torchfast` command: `info` (build configuration, active kernels) and `bench` (optimizer steps
-against torch.optim, as a markdown table)."""
+"""The `torchfast` command: `train` (the main job), `info` (build configuration, active kernels) and
+`bench` (the kernels against PyTorch, as markdown tables)."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -70,6 +71,25 @@ def _bench(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    import time
+
+    import torch
+
+    from torchfast.train.job import JobConfig, run
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    config = JobConfig(out=out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, amp=args.amp,
+                       eager=args.eager, synthetic=args.synthetic, resume=args.resume, seed=args.seed, device=device)
+    summary = run(config)
+    acc = summary["val_accuracy"]
+    print(f"done: {summary['epochs']} epochs in {summary['seconds']:.1f} s, {summary['samples_per_s']:.0f} samples/s"
+          + (f", val_accuracy {acc:.4f}" if acc is not None else "") + f", val_loss {summary['val_loss']:.4f}")
+    print(f"run directory: {summary['out']} (summary.json, checkpoints/, tensorboard/)")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="torchfast", description="torchfast command-line tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,7 +105,20 @@ def main(argv=None) -> int:
                          choices=["optim", "clip", "norm"],
                          help="optimizer steps, gradient clipping, fused batch norm / ResidualBlock")
     p_bench.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    p_train = sub.add_parser("train", help="train ComplexNetwork (fused layers) on scikit-learn's digits")
+    p_train.add_argument("--out", help="run directory (default: runs/<timestamp>)")
+    p_train.add_argument("--epochs", type=int, default=12)
+    p_train.add_argument("--batch-size", type=int, default=64)
+    p_train.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the OneCycleLR schedule")
+    p_train.add_argument("--amp", choices=["bf16", "fp16"], help="mixed precision (fp16 needs a GPU)")
+    p_train.add_argument("--eager", action="store_true", help="the same network from plain torch modules")
+    p_train.add_argument("--synthetic", type=int, metavar="SIZE", help="random SIZExSIZE RGB images instead of digits")
+    p_train.add_argument("--resume", metavar="PATH", help="continue from a checkpoint (e.g. RUN/checkpoints/last.pt)")
+    p_train.add_argument("--seed", type=int, default=0)
+    p_train.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     args = parser.parse_args(argv)
+    if args.command == "train":
+        return _train(args)
     if args.command == "info":
         return _print_info(args.json)
     if args.command == "bench":

@@ -95,3 +95,31 @@ class ModelCheckpoint(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.best = float(state["best"])
+
+
+class TensorBoard(Callback):
+    """Logs each epoch's metrics (losses, accuracy, lr, samples/s) as TensorBoard scalars; optionally
+    weight and gradient histograms. Needs the `tensorboard` package."""
+
+    def __init__(self, log_dir: str, histograms: bool = False):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise RuntimeError("TensorBoard logging needs the tensorboard package: pip install tensorboard") from e
+        self.writer = SummaryWriter(log_dir)
+        self.histograms = histograms
+
+    def on_epoch_end(self, trainer, metrics: dict) -> None:
+        step = int(metrics["epoch"])
+        for key, value in metrics.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, step)
+        if self.histograms:
+            for name, p in trainer.model.named_parameters():
+                self.writer.add_histogram(f"weights/{name}", p.detach().float().cpu(), step)
+                if p.grad is not None:
+                    self.writer.add_histogram(f"grads/{name}", p.grad.detach().float().cpu(), step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

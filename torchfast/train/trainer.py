@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from typing import Callable, Iterable, Optional
 
@@ -42,7 +43,8 @@ class Trainer:
                  train_loader: Iterable, val_loader: Optional[Iterable] = None, *, device=None,
                  amp: Optional[str] = None, grad_accum_steps: int = 1, max_grad_norm: Optional[float] = None,
                  scheduler=None, scheduler_interval: str = "epoch", metric: Optional[Callable] = accuracy,
-                 callbacks: Iterable[Callback] = (), checkpoint_dir: Optional[str] = None, log: Callable = print):
+                 callbacks: Iterable[Callback] = (), checkpoint_dir: Optional[str] = None, log: Callable = print,
+                 progress: Optional[bool] = None):
         if amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
         if grad_accum_steps < 1:
@@ -58,6 +60,8 @@ class Trainer:
         self.scheduler, self.scheduler_interval, self.metric = scheduler, scheduler_interval, metric
         self.callbacks = sorted(callbacks, key=lambda c: c.runs_last)
         self.checkpoint_dir, self.log = checkpoint_dir, log
+        # a progress bar with loss and samples/s, by default only when stderr is a terminal
+        self.progress = sys.stderr.isatty() if progress is None else progress
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
         self.epoch = 0  # epochs completed
         self.global_step = 0  # optimizer steps taken
@@ -128,7 +132,8 @@ class Trainer:
         total_loss, samples, start = 0.0, 0, time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         pending = 0
-        for batch in self.train_loader:
+        bar = _progress_bar(self.train_loader, f"epoch {self.epoch + 1}") if self.progress else None
+        for batch in (bar if bar is not None else self.train_loader):
             inputs, targets = self._to_device(batch)
             with self._autocast():
                 loss = self.loss_fn(self.model(inputs), targets)
@@ -139,8 +144,13 @@ class Trainer:
             if pending == self.grad_accum_steps:
                 self._optimizer_step()
                 pending = 0
+            if bar is not None:
+                bar.set_postfix(loss=f"{total_loss / samples:.4f}",
+                                samples_s=f"{samples / max(time.perf_counter() - start, 1e-9):.0f}")
         if pending:  # the epoch's last, shorter accumulation
             self._optimizer_step()
+        if bar is not None:
+            bar.close()
         seconds = time.perf_counter() - start
         return {"train_loss": total_loss / max(samples, 1), "samples_per_s": samples / max(seconds, 1e-9)}
 
@@ -189,3 +199,11 @@ class Trainer:
             raise
         return self.history
 
+
+
+def _progress_bar(iterable, description: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True)

@@ -1,0 +1,84 @@
+"""The main job, `torchfast train`: ComplexNetwork (torchfast's fused layers) on scikit-learn's
+digits, with AdamW, OneCycleLR per batch, clipping, checkpoints, TensorBoard and a summary."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+import torchfast
+from torchfast.reference import modules as plain
+from torchfast.train import data
+from torchfast.train.callbacks import ModelCheckpoint, TensorBoard
+from torchfast.train.trainer import Trainer
+
+
+@dataclass
+class JobConfig:
+    out: str
+    epochs: int = 12
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 1e-2
+    max_grad_norm: Optional[float] = 1.0
+    amp: Optional[str] = None
+    eager: bool = False  # the same network from plain torch modules and torch.optim, to compare speed
+    synthetic: Optional[int] = None  # image size of random data instead of digits
+    resume: Optional[str] = None
+    seed: int = 0
+    device: str = "cpu"
+    progress: Optional[bool] = None
+
+
+def build(config: JobConfig, in_channels: int, num_classes: int):
+    torch.manual_seed(config.seed)
+    if config.eager:
+        model = plain.ComplexNetwork(num_classes=num_classes, in_channels=in_channels)
+        optimizer_cls = torch.optim.AdamW
+    else:
+        model = torchfast.models.ComplexNetwork(num_classes=num_classes, in_channels=in_channels)
+        optimizer_cls = torchfast.optim.AdamW
+    model = model.to(config.device)
+    optimizer = optimizer_cls(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return model, optimizer
+
+
+def run(config: JobConfig, log=print) -> dict:
+    if config.synthetic:
+        train_set, val_set, in_ch, classes = data.synthetic_datasets(image_size=config.synthetic, seed=config.seed)
+    else:
+        train_set, val_set, in_ch, classes = data.digits_datasets(seed=config.seed)
+    model, optimizer = build(config, in_ch, classes)
+    train_loader, val_loader = data.loaders(train_set, val_set, config.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, epochs=config.epochs,
+                                                    steps_per_epoch=len(train_loader))
+    os.makedirs(config.out, exist_ok=True)
+    checkpoints = os.path.join(config.out, "checkpoints")
+    tensorboard = TensorBoard(os.path.join(config.out, "tensorboard"))
+    trainer = Trainer(model, optimizer, nn.CrossEntropyLoss(), train_loader, val_loader, device=config.device,
+                      amp=config.amp, max_grad_norm=config.max_grad_norm, scheduler=scheduler,
+                      scheduler_interval="batch",
+                      callbacks=[tensorboard, ModelCheckpoint(checkpoints, monitor="val_accuracy", mode="max")],
+                      checkpoint_dir=checkpoints, log=log, progress=config.progress)
+    start = time.perf_counter()
+    try:
+        history = trainer.fit(config.epochs, resume_from=config.resume)
+    finally:
+        tensorboard.close()
+    seconds = time.perf_counter() - start
+    last = history[-1] if history else {}
+    summary = {
+        "val_accuracy": last.get("val_accuracy"), "val_loss": last.get("val_loss"), "epochs": trainer.epoch,
+        "seconds": round(seconds, 3),
+        "samples_per_s": round(sum(h["samples_per_s"] for h in history) / max(len(history), 1), 1),
+        "model": "plain torch" if config.eager else "torchfast", "data": "synthetic" if config.synthetic else "digits",
+        "amp": config.amp, "device": config.device, "out": os.path.abspath(config.out),
+    }
+    with open(os.path.join(config.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
