@@ -71,6 +71,22 @@ def _bench(args) -> int:
     return 0
 
 
+def argv_for_ranks(argv: list) -> list:
+    """The command line without --nproc (and without --out, which the launcher passes explicitly)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--nproc", "--out"):
+            skip = True
+            continue
+        if a.startswith("--nproc=") or a.startswith("--out="):
+            continue
+        out.append(a)
+    return out
+
+
 def _train(args) -> int:
     import time
 
@@ -80,9 +96,18 @@ def _train(args) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    if args.nproc > 1 and "RANK" not in os.environ:
+        # relaunch this command under torchrun, one process per rank, all writing to one run directory
+        from torch.distributed.run import main as torchrun
+
+        rest = [a for a in (argv_for_ranks(sys.argv[1:]))] + ["--out", out]
+        torchrun(["--standalone", f"--nproc_per_node={args.nproc}", "-m", "torchfast"] + rest)
+        return 0
     config = JobConfig(out=out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, amp=args.amp,
                        eager=args.eager, synthetic=args.synthetic, resume=args.resume, seed=args.seed, device=device)
     summary = run(config)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     acc = summary["val_accuracy"]
     print(f"done: {summary['epochs']} epochs in {summary['seconds']:.1f} s, {summary['samples_per_s']:.0f} samples/s"
           + (f", val_accuracy {acc:.4f}" if acc is not None else "") + f", val_loss {summary['val_loss']:.4f}")
@@ -116,6 +141,8 @@ def main(argv=None) -> int:
     p_train.add_argument("--resume", metavar="PATH", help="continue from a checkpoint (e.g. RUN/checkpoints/last.pt)")
     p_train.add_argument("--seed", type=int, default=0)
     p_train.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p_train.add_argument("--nproc", type=int, default=1,
+                         help="processes for DistributedDataParallel (launched through torch.distributed.run)")
     args = parser.parse_args(argv)
     if args.command == "train":
         return _train(args)

@@ -13,7 +13,7 @@ from torch import nn
 
 import torchfast
 from torchfast.reference import modules as plain
-from torchfast.train import data
+from torchfast.train import data, distributed
 from torchfast.train.callbacks import ModelCheckpoint, TensorBoard
 from torchfast.train.trainer import Trainer
 
@@ -57,19 +57,27 @@ def run(config: JobConfig, log=print) -> dict:
     train_loader, val_loader = data.loaders(train_set, val_set, config.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, epochs=config.epochs,
                                                     steps_per_epoch=len(train_loader))
+    info = distributed.from_environment()
+    if info.enabled:  # under DDP each rank sees 1/world_size of the batches: the schedule follows
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=config.lr, epochs=config.epochs,
+            steps_per_epoch=-(-len(train_loader) // info.world_size))
     os.makedirs(config.out, exist_ok=True)
     checkpoints = os.path.join(config.out, "checkpoints")
-    tensorboard = TensorBoard(os.path.join(config.out, "tensorboard"))
+    tensorboard = TensorBoard(os.path.join(config.out, "tensorboard")) if info.is_main else None
+    callbacks = [ModelCheckpoint(checkpoints, monitor="val_accuracy", mode="max")] + ([tensorboard] if tensorboard else [])
     trainer = Trainer(model, optimizer, nn.CrossEntropyLoss(), train_loader, val_loader, device=config.device,
                       amp=config.amp, max_grad_norm=config.max_grad_norm, scheduler=scheduler,
-                      scheduler_interval="batch",
-                      callbacks=[tensorboard, ModelCheckpoint(checkpoints, monitor="val_accuracy", mode="max")],
-                      checkpoint_dir=checkpoints, log=log, progress=config.progress)
+                      scheduler_interval="batch", callbacks=callbacks, checkpoint_dir=checkpoints, log=log,
+                      progress=config.progress)
     start = time.perf_counter()
     try:
         history = trainer.fit(config.epochs, resume_from=config.resume)
     finally:
-        tensorboard.close()
+        if tensorboard is not None:
+            tensorboard.close()
+        if info.enabled:
+            distributed.cleanup()
     seconds = time.perf_counter() - start
     last = history[-1] if history else {}
     summary = {
@@ -77,8 +85,10 @@ def run(config: JobConfig, log=print) -> dict:
         "seconds": round(seconds, 3),
         "samples_per_s": round(sum(h["samples_per_s"] for h in history) / max(len(history), 1), 1),
         "model": "plain torch" if config.eager else "torchfast", "data": "synthetic" if config.synthetic else "digits",
-        "amp": config.amp, "device": config.device, "out": os.path.abspath(config.out),
+        "amp": config.amp, "device": config.device, "processes": info.world_size,
+        "out": os.path.abspath(config.out),
     }
-    with open(os.path.join(config.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    if info.is_main:
+        with open(os.path.join(config.out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
     return summary

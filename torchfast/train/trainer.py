@@ -15,6 +15,7 @@ from torch import nn
 from torchfast.nn.utils import clip_grad_norm_
 from torchfast.optim._base import FusedOptimizer
 from torchfast.train.callbacks import Callback
+from torchfast.train import distributed
 from torchfast.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 AMP_MODES = (None, "bf16", "fp16")
@@ -37,6 +38,9 @@ class Trainer:
     metric: f(outputs, targets) -> float for validation (default: accuracy); None for loss only.
     checkpoint_dir: where Ctrl-C writes `interrupted.pt`, a resumable checkpoint (a resumed run
         restarts the interrupted epoch from its first batch with the weights reached so far).
+
+    Under torchrun (WORLD_SIZE > 1) it trains with DistributedDataParallel: see train/distributed.py.
+    Each rank's batch is train_loader's batch size, so the global batch is world_size times it.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable,
@@ -54,14 +58,23 @@ class Trainer:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         if amp == "fp16" and self.device.type != "cuda":
             raise ValueError("amp='fp16' needs a GPU (fp16 autocast with a GradScaler); use amp='bf16' on the CPU")
+        self.dist = distributed.from_environment()
+        self.device = distributed.setup(self.dist, self.device)
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.train_loader, self.val_loader = train_loader, val_loader
+        self.train_model = model  # what the training forward runs: the model, or its DDP wrapper
+        if self.dist.enabled:
+            model.to(self.device)
+            self.train_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.train_loader = distributed.shard_loader(train_loader, self.dist)
         self.amp, self.grad_accum_steps, self.max_grad_norm = amp, grad_accum_steps, max_grad_norm
         self.scheduler, self.scheduler_interval, self.metric = scheduler, scheduler_interval, metric
         self.callbacks = sorted(callbacks, key=lambda c: c.runs_last)
-        self.checkpoint_dir, self.log = checkpoint_dir, log
+        self.checkpoint_dir = checkpoint_dir
+        self.log = log if self.dist.is_main else (lambda *_: None)
         # a progress bar with loss and samples/s, by default only when stderr is a terminal
-        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.progress = (sys.stderr.isatty() if progress is None else progress) and self.dist.is_main
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
         self.epoch = 0  # epochs completed
         self.global_step = 0  # optimizer steps taken
@@ -99,7 +112,10 @@ class Trainer:
         set_rng_state(state["rng"])
 
     def save_checkpoint(self, path: str) -> str:
-        return save_checkpoint(self.state_dict(), path)
+        """Writes the full state to `path` (rank 0 only under DDP: the ranks hold the same state)."""
+        if self.dist.is_main:
+            save_checkpoint(self.state_dict(), path)
+        return path
 
     def resume(self, path: str) -> None:
         self.load_state_dict(load_checkpoint(path, map_location=self.device))
@@ -129,6 +145,9 @@ class Trainer:
 
     def train_epoch(self) -> dict:
         self.model.train()
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)  # a different shuffle every epoch, the same on every rank
         total_loss, samples, start = 0.0, 0, time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         pending = 0
@@ -136,7 +155,7 @@ class Trainer:
         for batch in (bar if bar is not None else self.train_loader):
             inputs, targets = self._to_device(batch)
             with self._autocast():
-                loss = self.loss_fn(self.model(inputs), targets)
+                loss = self.loss_fn(self.train_model(inputs), targets)
             self.scaler.scale(loss / self.grad_accum_steps).backward()
             pending += 1
             total_loss += float(loss.detach()) * len(targets)
@@ -152,7 +171,8 @@ class Trainer:
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - start
-        return {"train_loss": total_loss / max(samples, 1), "samples_per_s": samples / max(seconds, 1e-9)}
+        train_loss = distributed.mean_over_ranks(total_loss / max(samples, 1), self.dist, self.device)
+        return {"train_loss": train_loss, "samples_per_s": samples * self.dist.world_size / max(seconds, 1e-9)}
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -193,7 +213,7 @@ class Trainer:
                 self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                   for k, v in metrics.items()))
         except KeyboardInterrupt:
-            if self.checkpoint_dir is not None:
+            if self.checkpoint_dir is not None and self.dist.is_main:
                 path = self.save_checkpoint(os.path.join(self.checkpoint_dir, "interrupted.pt"))
                 self.log(f"interrupted: resumable checkpoint written to {path}")
             raise
