@@ -141,3 +141,47 @@ def test_ctrl_c_writes_a_resumable_checkpoint(tmp_path):
     assert resumed.epoch == 1  # the interrupted epoch restarts
     resumed.fit(3)
     assert resumed.epoch == 3
+
+
+def test_activation_checkpointing_gives_the_same_training():
+    a = make(dropout=0.0)
+    b = make(dropout=0.0)
+    b = Trainer(b.model, b.optimizer, b.loss_fn, b.train_loader, b.val_loader, scheduler=b.scheduler,
+                scheduler_interval="batch", log=lambda *_: None, checkpoint_modules=[b.model[0], b.model[3]])
+    for t in (a, b):
+        torch.manual_seed(5)  # the same shuffles
+        t.fit(2)
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_debug_helpers():
+    from torchfast.train.debug import capture_activations, count_parameters, memory_report
+    model = nn.Sequential(nn.Linear(10, 4), nn.ReLU(), nn.Linear(4, 2))
+    counts = count_parameters(model)
+    assert counts["total"] == counts["trainable"] == 10 * 4 + 4 + 4 * 2 + 2
+    assert counts["per_module"] == {"0": 44, "2": 10}
+    with capture_activations(model) as acts:
+        model(torch.randn(3, 10))
+    assert set(acts) == {"0", "1", "2"} and acts["2"].shape == (3, 2)
+    assert all(not m._forward_hooks for m in model.modules()), "hooks removed afterwards"
+    with pytest.raises(KeyError, match="no submodule named"):
+        with capture_activations(model, ["nope"]):
+            pass
+    model(torch.randn(3, 10)).sum().backward()
+    report = memory_report(model)
+    assert report["parameters"] == 54 * 4 and report["gradients"] == 54 * 4
+
+
+def test_tensorboard_logs_scalars_histograms_and_graph(tmp_path):
+    pytest.importorskip("tensorboard")
+    from torchfast.train import TensorBoard
+    tb = TensorBoard(str(tmp_path), histograms=True, graph_input=torch.randn(2, 10))
+    make(callbacks=[tb]).fit(1)
+    tb.close()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert {"train_loss", "val_loss", "val_accuracy", "lr", "samples_per_s"} <= set(events.Tags()["scalars"])
+    assert any(t.startswith("grads/") for t in events.Tags()["histograms"])
+    assert events.Tags()["graph"]

@@ -14,6 +14,9 @@ class Callback:
     # other callbacks' state for this epoch.
     runs_last = False
 
+    def on_before_optimizer_step(self, trainer) -> None:
+        """Called with the step's gradients in place (scaled, under an fp16 GradScaler)."""
+
     def on_epoch_end(self, trainer, metrics: dict) -> None:
         pass
 
@@ -99,26 +102,39 @@ class ModelCheckpoint(Callback):
 
 class TensorBoard(Callback):
     """Logs each epoch's metrics (losses, accuracy, lr, samples/s) as TensorBoard scalars; optionally
-    weight and gradient histograms. Needs the `tensorboard` package."""
+    weight histograms (every epoch) and gradient histograms (every `histogram_every` optimizer
+    steps), and the model graph traced on `graph_input` (once). Needs the `tensorboard` package."""
 
-    def __init__(self, log_dir: str, histograms: bool = False):
+    def __init__(self, log_dir: str, histograms: bool = False, graph_input=None, histogram_every: int = 100):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
             raise RuntimeError("TensorBoard logging needs the tensorboard package: pip install tensorboard") from e
         self.writer = SummaryWriter(log_dir)
         self.histograms = histograms
+        self.graph_input = graph_input
+        self.histogram_every = histogram_every
+
+    def on_before_optimizer_step(self, trainer) -> None:
+        if self.histograms and trainer.global_step % self.histogram_every == 0:
+            for name, p in trainer.model.named_parameters():
+                if p.grad is not None:
+                    self.writer.add_histogram(f"grads/{name}", p.grad.detach().float().cpu(), trainer.global_step)
 
     def on_epoch_end(self, trainer, metrics: dict) -> None:
         step = int(metrics["epoch"])
+        if self.graph_input is not None:
+            was_training = trainer.model.training
+            trainer.model.eval()
+            self.writer.add_graph(trainer.model, self.graph_input)
+            trainer.model.train(was_training)
+            self.graph_input = None
         for key, value in metrics.items():
             if key != "epoch" and isinstance(value, (int, float)):
                 self.writer.add_scalar(key, value, step)
         if self.histograms:
             for name, p in trainer.model.named_parameters():
                 self.writer.add_histogram(f"weights/{name}", p.detach().float().cpu(), step)
-                if p.grad is not None:
-                    self.writer.add_histogram(f"grads/{name}", p.grad.detach().float().cpu(), step)
         self.writer.flush()
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ import time
 from typing import Callable, Iterable, Optional
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from torchfast.nn.utils import clip_grad_norm_
@@ -39,6 +40,9 @@ class Trainer:
     checkpoint_dir: where Ctrl-C writes `interrupted.pt`, a resumable checkpoint (a resumed run
         restarts the interrupted epoch from its first batch with the weights reached so far).
 
+    checkpoint_modules: submodules whose activations are recomputed in backward instead of stored
+        (torch.utils.checkpoint, non-reentrant): less memory for more compute.
+
     Under torchrun (WORLD_SIZE > 1) it trains with DistributedDataParallel: see train/distributed.py.
     Each rank's batch is train_loader's batch size, so the global batch is world_size times it.
     """
@@ -48,7 +52,7 @@ class Trainer:
                  amp: Optional[str] = None, grad_accum_steps: int = 1, max_grad_norm: Optional[float] = None,
                  scheduler=None, scheduler_interval: str = "epoch", metric: Optional[Callable] = accuracy,
                  callbacks: Iterable[Callback] = (), checkpoint_dir: Optional[str] = None, log: Callable = print,
-                 progress: Optional[bool] = None):
+                 progress: Optional[bool] = None, checkpoint_modules: Iterable[nn.Module] = ()):
         if amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
         if grad_accum_steps < 1:
@@ -58,6 +62,8 @@ class Trainer:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         if amp == "fp16" and self.device.type != "cuda":
             raise ValueError("amp='fp16' needs a GPU (fp16 autocast with a GradScaler); use amp='bf16' on the CPU")
+        for module in checkpoint_modules:
+            _checkpoint_activations(module)
         self.dist = distributed.from_environment()
         self.device = distributed.setup(self.dist, self.device)
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
@@ -133,6 +139,8 @@ class Trainer:
         return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
 
     def _optimizer_step(self) -> None:
+        for cb in self.callbacks:
+            cb.on_before_optimizer_step(self)
         if self.max_grad_norm is not None and not isinstance(self.optimizer, FusedOptimizer):
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
             clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
@@ -227,3 +235,18 @@ def _progress_bar(iterable, description: str):
     except ImportError:
         return None
     return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True)
+
+
+def _checkpoint_activations(module: nn.Module) -> None:
+    """Runs module's forward under torch.utils.checkpoint while training with grad enabled."""
+    if getattr(module, "_torchfast_checkpointed", False):
+        return
+    forward = module.forward
+
+    def checkpointed(*args, **kwargs):
+        if module.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    module.forward = checkpointed
+    module._torchfast_checkpointed = True
