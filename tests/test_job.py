@@ -48,3 +48,10 @@ def test_command_line(tmp_path):
                            cwd=str(tmp_path), timeout=600)
     assert again.returncode == 0, again.stderr
     assert json.load(open(tmp_path / "cli2" / "summary.json"))["epochs"] == 1  # already complete: nothing to redo
+
+
+def test_resume_with_another_schedule_is_refused(tmp_path):
+    run(JobConfig(out=str(tmp_path / "a"), epochs=1, synthetic=12), log=lambda *_: None)
+    with pytest.raises(ValueError, match="resume with the run's own --epochs"):
+        run(JobConfig(out=str(tmp_path / "b"), epochs=3, synthetic=12,
+                      resume=str(tmp_path / "a" / "checkpoints" / "last.pt")), log=lambda *_: None)

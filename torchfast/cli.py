@@ -105,7 +105,12 @@ def _train(args) -> int:
         return 0
     config = JobConfig(out=out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, amp=args.amp,
                        eager=args.eager, synthetic=args.synthetic, resume=args.resume, seed=args.seed, device=device)
-    summary = run(config)
+    try:
+        summary = run(config)
+    except KeyboardInterrupt:
+        print(f"interrupted: resume with --resume {os.path.join(out, 'checkpoints', 'interrupted.pt')}",
+              file=sys.stderr)
+        return 130
     if os.environ.get("RANK", "0") != "0":
         return 0
     acc = summary["val_accuracy"]

@@ -62,6 +62,8 @@ def run(config: JobConfig, log=print) -> dict:
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=config.lr, epochs=config.epochs,
             steps_per_epoch=-(-len(train_loader) // info.world_size))
+    if config.resume is not None:
+        _check_same_schedule(config, scheduler)
     os.makedirs(config.out, exist_ok=True)
     checkpoints = os.path.join(config.out, "checkpoints")
     tensorboard = TensorBoard(os.path.join(config.out, "tensorboard")) if info.is_main else None
@@ -92,3 +94,13 @@ def run(config: JobConfig, log=print) -> dict:
         with open(os.path.join(config.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary
+
+
+def _check_same_schedule(config: JobConfig, scheduler) -> None:
+    """--resume continues a run on its own OneCycleLR schedule: the epochs (and batch size) must match."""
+    from torchfast.train.checkpoint import load_checkpoint
+
+    saved = (load_checkpoint(config.resume).get("scheduler") or {}).get("total_steps")
+    if saved is not None and saved != scheduler.total_steps:
+        raise ValueError(f"--resume {config.resume}: that run's learning-rate schedule has {saved} steps, this one "
+                         f"{scheduler.total_steps}; resume with the run's own --epochs and --batch-size")
