@@ -23,11 +23,11 @@ grep "torchfast build" "$OUT/build.log" || true
 (cd / && torchfast info)
 
 echo "== CUDA tests"
-TORCHFAST_REQUIRE_KERNELS=1 timeout 240 pytest tests -q -k cuda -p no:cacheprovider --junitxml="$OUT/tests.xml" \
+TORCHFAST_REQUIRE_KERNELS=1 timeout 150 pytest tests -q -k cuda -p no:cacheprovider --junitxml="$OUT/tests.xml" \
   || echo "CUDA TESTS FAILED"
 
 echo "== CUDA benchmarks"
-(cd / && timeout 150 torchfast bench --device cuda --rounds 30 --json "$OUT/bench_cuda.json") \
+(cd / && timeout 150 torchfast bench --device cuda --rounds 20 --json "$OUT/bench_cuda.json") \
   | tee "$OUT/bench_cuda.md"
 
 echo "== device copy bandwidth vs Adam"

@@ -66,11 +66,11 @@ class Trainer:
             _checkpoint_activations(module)
         self.dist = distributed.from_environment()
         self.device = distributed.setup(self.dist, self.device)
+        model.to(self.device)  # in place: the optimizer keeps the same Parameter objects
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.train_loader, self.val_loader = train_loader, val_loader
         self.train_model = model  # what the training forward runs: the model, or its DDP wrapper
         if self.dist.enabled:
-            model.to(self.device)
             self.train_model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             self.train_loader = distributed.shard_loader(train_loader, self.dist)
@@ -199,7 +199,8 @@ class Trainer:
             samples += len(targets)
         metrics = {"val_loss": total_loss / max(samples, 1)}
         if self.metric is not None:
-            metrics["val_" + getattr(self.metric, "__name__", "metric")] = total_metric / max(samples, 1)
+            name = getattr(self.metric, "__name__", "metric")
+            metrics["val_" + ("metric" if name.startswith("<") else name)] = total_metric / max(samples, 1)
         return metrics
 
     def fit(self, epochs: int, resume_from: Optional[str] = None) -> list[dict]:
