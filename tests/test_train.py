@@ -185,3 +185,12 @@ def test_tensorboard_logs_scalars_histograms_and_graph(tmp_path):
     assert {"train_loss", "val_loss", "val_accuracy", "lr", "samples_per_s"} <= set(events.Tags()["scalars"])
     assert any(t.startswith("grads/") for t in events.Tags()["histograms"])
     assert events.Tags()["graph"]
+
+
+def test_user_metric_is_logged():
+    t = make(metric=lambda out, y: float((out.argmax(1) == y).float().mean()))
+    t.fit(1)
+    assert "val_metric" in t.history[0] and 0.0 <= t.history[0]["val_metric"] <= 1.0
+    t2 = make(metric=None)
+    t2.fit(1)
+    assert set(t2.history[0]) >= {"val_loss", "train_loss"} and "val_accuracy" not in t2.history[0]
