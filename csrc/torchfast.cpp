@@ -54,4 +54,23 @@ TORCH_LIBRARY(torchfast, m) {
       "bn_add_relu_backward(Tensor grad_out, Tensor input, Tensor out, Tensor? weight, Tensor save_mean, "
       "Tensor save_invstd, bool training, bool relu, bool has_residual) -> (Tensor grad_input, "
       "Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
+
+  // ---- scaled dot-product attention (csrc/attention) -----------------------------------------
+  // Flash attention: softmax(scale * q k^T + mask) v without materialising the (L, S) scores.
+  // query (B, H, L, D), key (B, H, S, D), value (B, H, S, Dv); any strides with the last dim
+  // contiguous. attn_mask: an additive float32 mask broadcastable to (B, H, L, S) (callers turn
+  // boolean masks into 0/-inf). is_causal keeps key j for query i when j <= i (top-left aligned,
+  // as torch.nn.functional.scaled_dot_product_attention). dropout_p > 0 drops probabilities with
+  // a counter-based hash of (rng_seed, batch*head, i, j) (csrc/attention/attention_math.h), so
+  // the backward regenerates the same mask and the same seed reproduces the result on any device.
+  // Returns out (B, H, L, Dv) in the query's dtype and logsumexp (B, H, L) in fp32 (fp64 for fp64
+  // input); rows with every key masked give out = 0 and logsumexp = -inf. Math is fp32 (fp64).
+  m.def(
+      "flash_attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, bool is_causal, "
+      "float scale, float dropout_p, Tensor? rng_seed) -> (Tensor out, Tensor logsumexp)");
+  // Gradients of flash_attention: recomputes the probabilities block by block from logsumexp.
+  m.def(
+      "flash_attention_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, "
+      "Tensor logsumexp, Tensor? attn_mask, bool is_causal, float scale, float dropout_p, "
+      "Tensor? rng_seed) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
 }

@@ -1,0 +1,352 @@
+// CPU kernels of torchfast::flash_attention and torchfast::flash_attention_backward.
+//
+// Flash attention on the CPU: queries are cut into blocks of rows and keys into blocks of columns;
+// each (query block, key block) product goes through the BLAS GEMM (csrc/common/cpu_gemm.h), and
+// softmax is computed online (running row max and sum), so the extra memory is one score block per
+// thread, never (L, S). The backward recomputes each probability block from the saved logsumexp.
+// All math is in the compute type (fp32, or fp64 for fp64 inputs); fp16/bf16 operands are widened
+// once up front (O(L) memory) and the results narrowed at the end.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "attention/attention_checks.h"
+#include "attention/attention_math.h"
+#include "common/cpu_gemm.h"
+
+namespace torchfast {
+namespace {
+
+// One (B, H, N, D) operand read in place: element (b, h, n, d) at b*sb + h*sh + n*ld + d.
+template <typename T>
+struct Rows {
+  const T* data = nullptr;
+  int64_t sb = 0, sh = 0, ld = 0;
+  const T* at(int64_t b, int64_t h, int64_t n) const { return data + b * sb + h * sh + n * ld; }
+};
+
+template <typename T>
+Rows<T> rows_of(const at::Tensor& t) {
+  return {t.const_data_ptr<T>(), t.stride(0), t.stride(1), t.size(2) > 1 ? t.stride(2) : std::max<int64_t>(t.size(3), 1)};
+}
+
+template <typename T>
+constexpr T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+template <typename T>
+T row_max(const T* x, int64_t n) {
+  return at::vec::reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return at::vec::maximum(a, b); }, x, n);
+}
+
+// x = exp(x - shift) in place; returns the sum. exp(-inf) is 0 (masked entries).
+template <typename T>
+T exp_shifted_sum(T* x, int64_t n, T shift) {
+  const Vec<T> vshift(shift);
+  Vec<T> vsum(T(0));
+  int64_t j = 0;
+  for (; j + Vec<T>::size() <= n; j += Vec<T>::size()) {
+    const Vec<T> e = (Vec<T>::loadu(x + j) - vshift).exp_u20();
+    e.store(x + j);
+    vsum = vsum + e;
+  }
+  T sum = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, vsum);
+  for (; j < n; ++j) {
+    const T e = std::exp(x[j] - shift);
+    x[j] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+template <typename T>
+void scale_row(T* x, int64_t n, T a) {
+  at::vec::map([a](Vec<T> v) { return v * Vec<T>(a); }, x, x, n);
+}
+
+template <typename T>
+void add_row(T* x, const T* y, int64_t n) {
+  at::vec::map2([](Vec<T> a, Vec<T> b) { return a + b; }, x, x, y, n);
+}
+
+// Everything a block of rows needs to know about masking and dropout.
+template <typename T>
+struct Masking {
+  const T* mask = nullptr;  // additive, (B, H, L, S) strides below, unit-stride last dim
+  int64_t msb = 0, msh = 0, msl = 0;
+  bool causal = false;
+  bool dropout = false;
+  uint32_t threshold = 0;
+  T keep_scale = T(1);  // 1 / (1 - p), or 0 when p == 1
+  uint64_t seed = 0;
+
+  // Adds the mask and the causal -inf to scores row[0, n) of query i against keys j0.. .
+  void apply(T* row, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n) const {
+    if (mask != nullptr) add_row(row, mask + b * msb + h * msh + i * msl + j0, n);
+    if (causal && j0 + n - 1 > i) std::fill(row + std::max<int64_t>(i - j0 + 1, 0), row + n, neg_inf<T>());
+  }
+  // Per-element dropout factor (0 or keep_scale) of query i against keys j0..j0+n.
+  void factors(T* z, int64_t bh, int64_t i, int64_t j0, int64_t n) const {
+    const uint32_t key = dropout_row_key(seed, bh, i);
+    for (int64_t j = 0; j < n; ++j) z[j] = dropout_bits(key, j0 + j) >= threshold ? keep_scale : T(0);
+  }
+};
+
+template <typename T>
+Masking<T> make_masking(const at::Tensor& mask, bool causal, double p, uint64_t seed) {
+  Masking<T> mk;
+  if (mask.defined()) {
+    mk.mask = mask.const_data_ptr<T>();
+    mk.msb = mask.stride(0);
+    mk.msh = mask.stride(1);
+    mk.msl = mask.stride(2);
+  }
+  mk.causal = causal;
+  mk.dropout = p > 0.0;
+  mk.threshold = dropout_threshold(p);
+  mk.keep_scale = p < 1.0 ? static_cast<T>(1.0 / (1.0 - p)) : T(0);
+  mk.seed = seed;
+  return mk;
+}
+
+// Block sizes: big enough for the GEMMs to run near peak, small enough that a score block and the
+// operand blocks stay in L2.
+// (Measured at B=4, H=8, D=64 on AVX-512: forward 256 x 512, backward 128 x 256 were the fastest.)
+inline int64_t query_block(int64_t L) { return L >= 768 ? 256 : 64; }
+inline int64_t key_block(int64_t S) { return std::max<int64_t>(std::min<int64_t>(S, 512), 1); }
+inline int64_t backward_query_block(int64_t L) { return L >= 768 ? 128 : 64; }
+inline int64_t backward_key_block(int64_t S) { return std::max<int64_t>(std::min<int64_t>(S, 256), 1); }
+
+template <typename T>
+void forward_kernel(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, const Masking<T>& mk, T scale,
+                    const AttnShape& sh, T* out, T* lse) {
+  const int64_t qB = query_block(sh.L), kB = key_block(sh.S);
+  const int64_t nq = (sh.L + qB - 1) / qB;
+  at::parallel_for(0, sh.B * sh.H * nq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> scores(qB * kB), acc(qB * sh.Dv), mx(qB), sum(qB), z(mk.dropout ? kB : 0);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / nq, i0 = (task % nq) * qB, m = std::min(qB, sh.L - i0);
+      const int64_t b = bh / sh.H, h = bh % sh.H;
+      std::fill(acc.begin(), acc.begin() + m * sh.Dv, T(0));
+      std::fill(mx.begin(), mx.end(), neg_inf<T>());
+      std::fill(sum.begin(), sum.end(), T(0));
+      const int64_t kv_end = mk.causal ? std::min(sh.S, i0 + m) : sh.S;
+      for (int64_t j0 = 0; j0 < kv_end; j0 += kB) {
+        const int64_t n = std::min(kB, kv_end - j0);
+        gemm_rm<T>(false, true, m, n, sh.D, scale, q.at(b, h, i0), q.ld, k.at(b, h, j0), k.ld, T(0),
+                   scores.data(), n);
+        for (int64_t r = 0; r < m; ++r) {
+          const int64_t i = i0 + r;
+          T* row = scores.data() + r * n;
+          mk.apply(row, b, h, i, j0, n);
+          const T new_max = std::max(mx[r], row_max(row, n));
+          if (new_max == neg_inf<T>()) {  // every key so far is masked
+            std::fill(row, row + n, T(0));
+            continue;
+          }
+          const T correction = std::exp(mx[r] - new_max);
+          sum[r] = sum[r] * correction + exp_shifted_sum(row, n, new_max);
+          mx[r] = new_max;
+          if (correction != T(1)) scale_row(acc.data() + r * sh.Dv, sh.Dv, correction);
+          if (mk.dropout) {  // the normaliser keeps every probability; the output only the kept ones
+            mk.factors(z.data(), bh, i, j0, n);
+            at::vec::map2([](Vec<T> a, Vec<T> f) { return a * f; }, row, row, z.data(), n);
+          }
+        }
+        gemm_rm<T>(false, false, m, sh.Dv, n, T(1), scores.data(), n, v.at(b, h, j0), v.ld, T(1), acc.data(),
+                   sh.Dv);
+      }
+      for (int64_t r = 0; r < m; ++r) {
+        const int64_t i = i0 + r;
+        T* o = out + (bh * sh.L + i) * sh.Dv;
+        if (sum[r] > T(0)) {
+          const T inv = T(1) / sum[r];
+          at::vec::map([inv](Vec<T> a) { return a * Vec<T>(inv); }, o, acc.data() + r * sh.Dv, sh.Dv);
+          lse[bh * sh.L + i] = mx[r] + std::log(sum[r]);
+        } else {  // a fully masked row attends to nothing
+          std::fill(o, o + sh.Dv, T(0));
+          lse[bh * sh.L + i] = neg_inf<T>();
+        }
+      }
+    }
+  });
+}
+
+// delta_i = sum_d dO[i, d] * O[i, d], the softmax backward's row term.
+template <typename T>
+void row_dots(const Rows<T>& dout, const Rows<T>& out, const AttnShape& sh, T* delta) {
+  at::parallel_for(0, sh.B * sh.H * sh.L, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / sh.L, i = t % sh.L, b = bh / sh.H, h = bh % sh.H;
+      const T* x = dout.at(b, h, i);
+      const T* y = out.at(b, h, i);
+      Vec<T> acc(T(0));
+      int64_t d = 0;
+      for (; d + Vec<T>::size() <= sh.Dv; d += Vec<T>::size()) acc = at::vec::fmadd(Vec<T>::loadu(x + d), Vec<T>::loadu(y + d), acc);
+      T s = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& c) { return a + c; }, acc);
+      for (; d < sh.Dv; ++d) s += x[d] * y[d];
+      delta[t] = s;
+    }
+  });
+}
+
+// Parallel over (batch*head, slice of key blocks). Each task owns its key blocks' dK and dV; dQ
+// gets contributions from every key block, so when one batch*head is split across tasks each slice
+// accumulates its own dQ copy and the copies are summed at the end (O(threads * L * D) memory).
+template <typename T>
+void backward_kernel(const Rows<T>& dout, const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, const T* lse,
+                     const T* delta, const Masking<T>& mk, T scale, const AttnShape& sh, T* gq, T* gk, T* gv) {
+  const int64_t qB = backward_query_block(sh.L), kB = backward_key_block(sh.S);
+  const int64_t BH = sh.B * sh.H, nk = (sh.S + kB - 1) / kB;
+  const int64_t threads = at::get_num_threads();
+  const int64_t slices = BH >= threads ? 1 : std::max<int64_t>(std::min<int64_t>(nk, (threads + BH - 1) / BH), 1);
+  std::vector<T> dq_slices(slices > 1 ? static_cast<size_t>(slices * BH * sh.L * sh.D) : 0, T(0));
+  at::parallel_for(0, BH * slices, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> p(qB * kB), dp(qB * kB), z(mk.dropout ? qB * kB : 0), pd(mk.dropout ? qB * kB : 0);
+    std::vector<T> dk(kB * sh.D), dv(kB * sh.Dv);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / slices, slice = task % slices, b = bh / sh.H, h = bh % sh.H;
+      T* dq = slices == 1 ? gq + bh * sh.L * sh.D : dq_slices.data() + (slice * BH + bh) * sh.L * sh.D;
+      for (int64_t kb = nk * slice / slices; kb < nk * (slice + 1) / slices; ++kb) {
+        const int64_t j0 = kb * kB, n = std::min(kB, sh.S - j0);
+        std::fill(dk.begin(), dk.begin() + n * sh.D, T(0));
+        std::fill(dv.begin(), dv.begin() + n * sh.Dv, T(0));
+        const int64_t i_first = mk.causal ? (j0 / qB) * qB : 0;  // earlier queries see none of these keys
+        for (int64_t i0 = i_first; i0 < sh.L; i0 += qB) {
+          const int64_t m = std::min(qB, sh.L - i0);
+          gemm_rm<T>(false, true, m, n, sh.D, scale, q.at(b, h, i0), q.ld, k.at(b, h, j0), k.ld, T(0), p.data(), n);
+          for (int64_t r = 0; r < m; ++r) {
+            const int64_t i = i0 + r;
+            T* row = p.data() + r * n;
+            const T l = lse[bh * sh.L + i];
+            if (l == neg_inf<T>()) {
+              std::fill(row, row + n, T(0));
+            } else {
+              mk.apply(row, b, h, i, j0, n);
+              exp_shifted_sum(row, n, l);
+            }
+            if (mk.dropout) mk.factors(z.data() + r * n, bh, i, j0, n);
+          }
+          const T* p_used = p.data();  // the probabilities that multiplied V in the forward
+          if (mk.dropout) {
+            at::vec::map2([](Vec<T> a, Vec<T> f) { return a * f; }, pd.data(), p.data(), z.data(), m * n);
+            p_used = pd.data();
+          }
+          const T* dO = dout.at(b, h, i0);
+          gemm_rm<T>(true, false, n, sh.Dv, m, T(1), p_used, n, dO, dout.ld, T(1), dv.data(), sh.Dv);
+          gemm_rm<T>(false, true, m, n, sh.Dv, T(1), dO, dout.ld, v.at(b, h, j0), v.ld, T(0), dp.data(), n);
+          if (mk.dropout) at::vec::map2([](Vec<T> a, Vec<T> f) { return a * f; }, dp.data(), dp.data(), z.data(), m * n);
+          for (int64_t r = 0; r < m; ++r) {  // dS = P * (dP - delta), into dp
+            const Vec<T> dl(delta[bh * sh.L + i0 + r]);
+            T* d = dp.data() + r * n;
+            at::vec::map2([dl](Vec<T> pp, Vec<T> g) { return pp * (g - dl); }, d, p.data() + r * n, d, n);
+          }
+          gemm_rm<T>(false, false, m, sh.D, n, scale, dp.data(), n, k.at(b, h, j0), k.ld, T(1), dq + i0 * sh.D, sh.D);
+          gemm_rm<T>(true, false, n, sh.D, m, scale, dp.data(), n, q.at(b, h, i0), q.ld, T(1), dk.data(), sh.D);
+        }
+        std::copy(dk.begin(), dk.begin() + n * sh.D, gk + (bh * sh.S + j0) * sh.D);
+        std::copy(dv.begin(), dv.begin() + n * sh.Dv, gv + (bh * sh.S + j0) * sh.Dv);
+      }
+    }
+  });
+  if (slices > 1) {
+    const int64_t total = BH * sh.L * sh.D;
+    at::parallel_for(0, total, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t s = 0; s < slices; ++s) {
+        const T* src = dq_slices.data() + s * total;
+        for (int64_t e = begin; e < end; ++e) gq[e] += src[e];
+      }
+    });
+  }
+}
+
+at::ScalarType compute_type(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::tuple<at::Tensor, at::Tensor> flash_attention_cpu(const at::Tensor& query, const at::Tensor& key,
+                                                       const at::Tensor& value,
+                                                       const std::optional<at::Tensor>& attn_mask, bool is_causal,
+                                                       double scale, double dropout_p,
+                                                       const std::optional<at::Tensor>& rng_seed) {
+  const AttnShape sh =
+      check_attention_args("torchfast.flash_attention", query, key, value, attn_mask, scale, dropout_p, rng_seed);
+  const auto ct = compute_type(query);
+  const at::Tensor q = attention_operand(query, ct), k = attention_operand(key, ct), v = attention_operand(value, ct);
+  const at::Tensor mask = attention_mask_operand(attn_mask, sh, ct);
+  const auto opts = query.options().dtype(ct);
+  at::Tensor out = at::empty({sh.B, sh.H, sh.L, sh.Dv}, opts);
+  at::Tensor lse = at::empty({sh.B, sh.H, sh.L}, opts);
+  const uint64_t seed = attention_seed(dropout_p, rng_seed);
+  if (out.numel() > 0 || lse.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES(ct, "flash_attention_cpu", [&] {
+      forward_kernel<scalar_t>(rows_of<scalar_t>(q), rows_of<scalar_t>(k), rows_of<scalar_t>(v),
+                               make_masking<scalar_t>(mask, is_causal, dropout_p, seed), static_cast<scalar_t>(scale),
+                               sh, out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<scalar_t>());
+    });
+  }
+  return {out.scalar_type() == query.scalar_type() ? out : out.to(query.scalar_type()), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& out, const at::Tensor& logsumexp, const std::optional<at::Tensor>& attn_mask, bool is_causal,
+    double scale, double dropout_p, const std::optional<at::Tensor>& rng_seed) {
+  const char* op = "torchfast.flash_attention_backward";
+  const AttnShape sh = check_attention_args(op, query, key, value, attn_mask, scale, dropout_p, rng_seed);
+  const std::vector<int64_t> out_shape{sh.B, sh.H, sh.L, sh.Dv};
+  TORCH_CHECK(grad_out.sizes() == out_shape && out.sizes() == out_shape, op, ": grad_out ", grad_out.sizes(),
+              " and out ", out.sizes(), " must have shape ", at::IntArrayRef(out_shape));
+  TORCH_CHECK(logsumexp.sizes() == at::IntArrayRef({sh.B, sh.H, sh.L}), op, ": logsumexp must have shape (", sh.B,
+              ", ", sh.H, ", ", sh.L, "), got ", logsumexp.sizes());
+  const auto ct = compute_type(query);
+  const at::Tensor q = attention_operand(query, ct), k = attention_operand(key, ct), v = attention_operand(value, ct);
+  const at::Tensor dout = attention_operand(grad_out, ct), o = attention_operand(out, ct);
+  const at::Tensor lse = logsumexp.to(ct).contiguous();
+  const at::Tensor mask = attention_mask_operand(attn_mask, sh, ct);
+  const auto opts = query.options().dtype(ct);
+  at::Tensor gq = at::zeros({sh.B, sh.H, sh.L, sh.D}, opts);
+  at::Tensor gk = at::empty({sh.B, sh.H, sh.S, sh.D}, opts);
+  at::Tensor gv = at::empty({sh.B, sh.H, sh.S, sh.Dv}, opts);
+  const uint64_t seed = attention_seed(dropout_p, rng_seed);
+  if (sh.B * sh.H > 0 && sh.S > 0) {
+    if (sh.L == 0) {
+      gk.zero_();
+      gv.zero_();
+    } else {
+      AT_DISPATCH_FLOATING_TYPES(ct, "flash_attention_backward_cpu", [&] {
+        at::Tensor delta = at::empty({sh.B, sh.H, sh.L}, opts);
+        row_dots<scalar_t>(rows_of<scalar_t>(dout), rows_of<scalar_t>(o), sh, delta.mutable_data_ptr<scalar_t>());
+        backward_kernel<scalar_t>(rows_of<scalar_t>(dout), rows_of<scalar_t>(q), rows_of<scalar_t>(k),
+                                  rows_of<scalar_t>(v), lse.const_data_ptr<scalar_t>(),
+                                  delta.const_data_ptr<scalar_t>(),
+                                  make_masking<scalar_t>(mask, is_causal, dropout_p, seed),
+                                  static_cast<scalar_t>(scale), sh, gq.mutable_data_ptr<scalar_t>(),
+                                  gk.mutable_data_ptr<scalar_t>(), gv.mutable_data_ptr<scalar_t>());
+      });
+    }
+  }
+  const auto dt = query.scalar_type();
+  if (dt != ct) return {gq.to(dt), gk.to(dt), gv.to(dt)};
+  return {gq, gk, gv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchfast, CPU, m) {
+  m.impl("flash_attention", &flash_attention_cpu);
+  m.impl("flash_attention_backward", &flash_attention_backward_cpu);
+}
+
+}  // namespace torchfast
