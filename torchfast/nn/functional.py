@@ -3,12 +3,15 @@ from __future__ import annotations
 
 from typing import Optional
 
+import math
+
 import torch
 from torch import Tensor
 
+from torchfast.ops import attention as attention_ops
 from torchfast.ops import norm as norm_ops
 
-__all__ = ["batch_norm_add_relu"]
+__all__ = ["batch_norm_add_relu", "scaled_dot_product_attention"]
 
 
 def batch_norm_add_relu(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -34,3 +37,70 @@ def batch_norm_add_relu(input: Tensor, running_mean: Optional[Tensor], running_v
             unbiased = var * (n / max(n - 1, 1))
             running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
     return out
+
+
+def _additive_mask(attn_mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """A boolean mask (True = attend) as 0/-inf in `dtype`; a float mask as it is."""
+    if attn_mask is None or attn_mask.dtype != torch.bool:
+        return attn_mask
+    return torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill(
+        ~attn_mask, float("-inf"))
+
+
+def _draw_dropout_seed() -> Tensor:
+    """A seed from torch's default generator: torch.manual_seed(s) makes dropout reproducible."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64)
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False) -> Tensor:
+    """torch.nn.functional.scaled_dot_product_attention on torchfast's flash-attention kernels.
+
+    Same signature and results: query (..., L, E), key (..., S, E), value (..., S, Ev); attn_mask
+    boolean (True = take part in attention) or additive float, broadcastable to (..., L, S);
+    is_causal masks key j > query i (top-left aligned); scale defaults to 1/sqrt(E); enable_gqa
+    lets key/value have fewer heads (dim -3) than query. The (L, S) scores are never materialised,
+    and rows whose every key is masked give 0 (torch may give NaN there). dropout_p > 0 draws its
+    mask from a seed taken from torch's default generator, so torch.manual_seed reproduces it; the
+    mask differs from torch's own dropout draws (same distribution). An attn_mask that requires
+    grad runs on the reference (the kernels give no mask gradient).
+    """
+    name = "scaled_dot_product_attention"
+    if query.dim() < 2 or key.dim() != query.dim() or value.dim() != query.dim():
+        raise ValueError(f"{name}: query, key and value must have the same rank >= 2, got shapes "
+                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+    if query.size(-1) != key.size(-1) or key.size(-2) != value.size(-2):
+        raise ValueError(f"{name}: expected query (..., L, E), key (..., S, E), value (..., S, Ev); got "
+                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"{name}: dropout_p must be in [0, 1], got {dropout_p}")
+    if enable_gqa and query.dim() >= 3 and key.size(-3) != query.size(-3):
+        groups, rem = divmod(query.size(-3), key.size(-3))
+        if rem:
+            raise ValueError(f"{name}: with enable_gqa, query heads ({query.size(-3)}) must be a multiple of "
+                             f"key/value heads ({key.size(-3)})")
+        key, value = key.repeat_interleave(groups, dim=-3), value.repeat_interleave(groups, dim=-3)
+    lead = query.shape[:-2]
+    if key.shape[:-2] != lead or value.shape[:-2] != lead:
+        raise ValueError(f"{name}: batch dims differ: query {tuple(query.shape)}, key {tuple(key.shape)}, "
+                         f"value {tuple(value.shape)}")
+    L, S = query.size(-2), key.size(-2)
+    mask = _additive_mask(attn_mask, query.dtype)
+    if mask is not None:
+        try:
+            torch.broadcast_shapes(mask.shape, (*lead, L, S))
+        except RuntimeError:
+            raise ValueError(f"{name}: attn_mask of shape {tuple(mask.shape)} does not broadcast to "
+                             f"{(*lead, L, S)}") from None
+    if query.dim() != 4:  # fold the batch dims into one (B, 1, L, E) problem
+        n = math.prod(lead)
+        if mask is not None:
+            mask = mask.expand(*lead, L, S).reshape(n, 1, L, S)
+        query, key, value = (t.reshape(n, 1, t.size(-2), t.size(-1)) for t in (query, key, value))
+    elif mask is not None and mask.dim() > 4:
+        raise ValueError(f"{name}: attn_mask has rank {mask.dim()}, more than the inputs' 4")
+    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else float(scale)
+    seed = _draw_dropout_seed() if dropout_p > 0.0 else None
+    out, _ = attention_ops.flash_attention(query, key, value, mask, is_causal, scale, dropout_p, seed)
+    return out.reshape(*lead, L, value.size(-1))

@@ -1,0 +1,74 @@
+"""Python face of the flash-attention ops (csrc/attention): fake and autograd registrations, and the
+function that runs the kernel or, where no kernel serves the call, the reference."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from torchfast import _loader
+from torchfast.ops._registry import compiled_op, register_fake_if_compiled
+from torchfast.reference import attention as ref
+
+# The CUDA kernel keeps a query tile's rows in registers: head dims above this use the reference there.
+CUDA_MAX_HEAD_DIM = 256
+
+
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@register_fake_if_compiled("flash_attention")
+def _flash_attention_fake(query, key, value, attn_mask, is_causal, scale, dropout_p, rng_seed):
+    B, H, L, _ = query.shape
+    out = query.new_empty((B, H, L, value.size(-1)))
+    return out, query.new_empty((B, H, L), dtype=_lse_dtype(query))
+
+
+@register_fake_if_compiled("flash_attention_backward")
+def _flash_attention_backward_fake(grad_out, query, key, value, out, logsumexp, attn_mask, is_causal, scale,
+                                   dropout_p, rng_seed):
+    return (query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, attn_mask, is_causal, scale, dropout_p, rng_seed = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, out, lse, attn_mask, rng_seed)
+    ctx.is_causal, ctx.scale, ctx.dropout_p = is_causal, scale, dropout_p
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    query, key, value, out, lse, attn_mask, rng_seed = ctx.saved_tensors
+    gq, gk, gv = torch.ops.torchfast.flash_attention_backward(
+        grad_out.contiguous(), query, key, value, out, lse, attn_mask, ctx.is_causal, ctx.scale, ctx.dropout_p,
+        rng_seed)
+    return gq, gk, gv, None, None, None, None, None
+
+
+if _loader.STATE.loaded:
+    try:
+        torch.library.register_autograd("torchfast::flash_attention", _backward, setup_context=_setup_context)
+    except (RuntimeError, AttributeError):  # schema absent in a partial build
+        pass
+
+
+def kernel_serves(query: Tensor, attn_mask: Optional[Tensor]) -> bool:
+    """Whether the compiled kernel handles this call (else the reference does)."""
+    device = query.device.type
+    if not (_loader.has_kernel("flash_attention", device) and _loader.has_kernel("flash_attention_backward", device)):
+        return False
+    if attn_mask is not None and attn_mask.requires_grad:
+        return False  # the kernels give no mask gradient
+    return device != "cuda" or query.size(-1) <= CUDA_MAX_HEAD_DIM
+
+
+def flash_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
+                    scale: float, dropout_p: float, rng_seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(out, logsumexp) for 4-D (B, H, L, D) operands and an additive float mask; see csrc/torchfast.cpp."""
+    if kernel_serves(query, attn_mask):
+        return compiled_op("flash_attention")(query, key, value, attn_mask, is_causal, float(scale),
+                                              float(dropout_p), rng_seed)
+    return ref.flash_attention(query, key, value, attn_mask, is_causal, float(scale), float(dropout_p), rng_seed)
