@@ -1,5 +1,7 @@
 """Drop-in layers (torchfast.nn), their functional forms and utilities (gradient clipping)."""
 from torchfast.nn import functional, utils  # noqa: F401
+from torchfast.nn.attention import MultiheadAttention
 from torchfast.nn.layers import BatchNormAddReLU2d, BatchNormReLU2d, ConvBNReLU2d, ResidualBlock
 
-__all__ = ["BatchNormAddReLU2d", "BatchNormReLU2d", "ConvBNReLU2d", "ResidualBlock", "functional", "utils"]
+__all__ = ["BatchNormAddReLU2d", "BatchNormReLU2d", "ConvBNReLU2d", "MultiheadAttention", "ResidualBlock",
+           "functional", "utils"]

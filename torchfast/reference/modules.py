@@ -43,10 +43,14 @@ class ComplexNetwork(nn.Module):
         self.classifier = complex_network_classifier(num_classes)
         self.attention = nn.MultiheadAttention(128, 8)
 
+    def _attend(self, x_attn: Tensor) -> Tensor:
+        attn_out, _ = self.attention(x_attn, x_attn, x_attn)
+        return attn_out
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.features(x)
         b, c, h, w = x.shape
         x_attn = x.reshape(b, c, -1).permute(2, 0, 1)  # (h*w, b, c)
-        attn_out, _ = self.attention(x_attn, x_attn, x_attn)
+        attn_out = self._attend(x_attn)
         x = attn_out.permute(1, 2, 0).reshape(b, c, h, w)
         return self.classifier(x)

@@ -1,0 +1,151 @@
+"""torchfast.nn.MultiheadAttention: nn.MultiheadAttention on the flash-attention kernels."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from torchfast.nn.functional import scaled_dot_product_attention
+
+__all__ = ["MultiheadAttention"]
+
+
+def _as_additive(mask: Optional[Tensor], name: str, dtype: torch.dtype) -> Optional[Tensor]:
+    """nn.MultiheadAttention's mask convention: bool True = masked out, float = added to the scores."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    if not torch.is_floating_point(mask):
+        raise TypeError(f"MultiheadAttention: {name} must be bool or floating point, got {mask.dtype}")
+    return mask
+
+
+class MultiheadAttention(nn.MultiheadAttention):
+    """A drop-in for torch.nn.MultiheadAttention: same constructor, parameters (in_proj_weight,
+    in_proj_bias, q/k/v_proj_weight when kdim/vdim differ, bias_k/bias_v, out_proj), state_dict,
+    forward signature and outputs.
+
+    With need_weights=False the attention runs on torchfast's flash kernel and never builds the
+    (L, S) weights. need_weights=True (nn.MultiheadAttention's default) must return those weights,
+    so it takes nn.MultiheadAttention's own materialising path: pass need_weights=False for speed.
+    Differences on the fast path: rows whose every key is masked give 0 where torch gives NaN, and
+    dropout draws a different (equally distributed) mask, reproducible under torch.manual_seed.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: Optional[int] = None,
+                 vdim: Optional[int] = None, batch_first: bool = False, device=None, dtype=None) -> None:
+        if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
+            raise ValueError(f"MultiheadAttention: embed_dim ({embed_dim}) must be a positive multiple of "
+                             f"num_heads ({num_heads})")
+        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
+                         add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first,
+                         device=device, dtype=dtype)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
+                need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        if need_weights:
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=True,
+                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                                   is_causal=is_causal)
+        batched = self._check_inputs(query, key, value)
+        if not batched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        out = self._attend(query, key, value, key_padding_mask, attn_mask, is_causal)
+        if not batched:
+            out = out.squeeze(1)
+        elif self.batch_first:
+            out = out.transpose(0, 1)
+        return out, None
+
+    # -- internals ------------------------------------------------------------------------------
+    def _check_inputs(self, query: Tensor, key: Tensor, value: Tensor) -> bool:
+        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError("MultiheadAttention: query, key and value must all be 3-D (batched) or 2-D "
+                             f"(unbatched), got shapes {tuple(query.shape)}, {tuple(key.shape)}, "
+                             f"{tuple(value.shape)}")
+        batched = query.dim() == 3
+        batch_dim = (0 if self.batch_first else 1) if batched else None
+        if batched and not (query.size(batch_dim) == key.size(batch_dim) == value.size(batch_dim)):
+            raise ValueError(f"MultiheadAttention: batch sizes differ (batch_first={self.batch_first}): query "
+                             f"{tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}")
+        seq_dim = 1 if (batched and self.batch_first) else 0
+        if key.size(seq_dim) != value.size(seq_dim):
+            raise ValueError(f"MultiheadAttention: key and value lengths differ: key {tuple(key.shape)}, "
+                             f"value {tuple(value.shape)}")
+        for name, t, want in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
+            if t.size(-1) != want:
+                raise ValueError(f"MultiheadAttention: {name} has feature size {t.size(-1)}, expected {want} "
+                                 f"(shape {tuple(t.shape)})")
+        return batched
+
+    def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        E = self.embed_dim
+        b = self.in_proj_bias
+        bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
+        if not self._qkv_same_embed_dim:
+            return (F.linear(query, self.q_proj_weight, bq), F.linear(key, self.k_proj_weight, bk),
+                    F.linear(value, self.v_proj_weight, bv))
+        w = self.in_proj_weight
+        if query is key and key is value:  # self-attention: one GEMM for q, k and v
+            return F.linear(query, w, b).chunk(3, dim=-1)
+        wq, wk, wv = w.split(E)
+        return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],
+                attn_mask: Optional[Tensor], is_causal: bool) -> Tensor:
+        """Attention over (L, N, E) inputs, returning (L, N, E)."""
+        L, N, E = query.shape
+        S, H = key.size(0), self.num_heads
+        hd = E // H
+        kpm = _as_additive(key_padding_mask, "key_padding_mask", query.dtype)
+        mask = _as_additive(attn_mask, "attn_mask", query.dtype)
+        if is_causal and mask is None:
+            raise RuntimeError("MultiheadAttention: is_causal is a hint that attn_mask is the causal mask; "
+                               "pass that mask too (as nn.MultiheadAttention requires)")
+        if is_causal and kpm is None:
+            mask = None  # trust the hint: the kernel's causal path needs no mask
+        else:
+            is_causal = False
+        if kpm is not None and kpm.shape != (N, S):
+            raise ValueError(f"MultiheadAttention: key_padding_mask must have shape (batch, S) = {(N, S)}, "
+                             f"got {tuple(key_padding_mask.shape)}")
+        if mask is not None:
+            if mask.dim() == 2 and mask.shape == (L, S):
+                mask = mask.view(1, 1, L, S)
+            elif mask.dim() == 3 and mask.shape == (N * H, L, S):
+                mask = mask.view(N, H, L, S)
+            else:
+                raise ValueError(f"MultiheadAttention: attn_mask must have shape (L, S) = {(L, S)} or "
+                                 f"(batch * num_heads, L, S) = {(N * H, L, S)}, got {tuple(attn_mask.shape)}")
+        q, k, v = self._project(query, key, value)
+        if self.bias_k is not None and self.bias_v is not None:
+            k = torch.cat([k, self.bias_k.expand(1, N, E)])
+            v = torch.cat([v, self.bias_v.expand(1, N, E)])
+            mask = None if mask is None else F.pad(mask, (0, 1))
+            kpm = None if kpm is None else F.pad(kpm, (0, 1))
+
+        def heads(t: Tensor) -> Tensor:  # (len, N, E) -> (N, H, len, hd), a view
+            return t.view(t.size(0), N, H, hd).permute(1, 2, 0, 3)
+
+        q, k, v = heads(q), heads(k), heads(v)
+        if self.add_zero_attn:
+            zeros = k.new_zeros(N, H, 1, hd)
+            k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros], dim=2)
+            mask = None if mask is None else F.pad(mask, (0, 1))
+            kpm = None if kpm is None else F.pad(kpm, (0, 1))
+        if kpm is not None:
+            kpm = kpm.view(N, 1, 1, kpm.size(-1))
+            mask = kpm if mask is None else mask + kpm
+        out = scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal)
+        out = out.permute(2, 0, 1, 3).reshape(L, N, E)
+        return F.linear(out, self.out_proj.weight, self.out_proj.bias)
