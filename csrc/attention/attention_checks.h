@@ -3,6 +3,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "attention/attention_math.h"
+
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -57,9 +60,26 @@ inline AttnShape check_attention_args(const char* op, const at::Tensor& q, const
   return sh;
 }
 
+template <typename T>
+Rows<T> rows_of(const at::Tensor& t) {
+  return {t.const_data_ptr<T>(), t.stride(0), t.stride(1),
+          t.size(2) > 1 ? t.stride(2) : std::max<int64_t>(t.size(3), 1)};
+}
+
+template <typename T>
+MaskView<T> mask_view(const at::Tensor& mask) {
+  if (!mask.defined()) return {};
+  return {mask.const_data_ptr<T>(), mask.stride(0), mask.stride(1), mask.stride(2)};
+}
+
 // The seed the dropout hash uses (0 when there is no dropout).
 inline uint64_t attention_seed(double dropout_p, const std::optional<at::Tensor>& rng_seed) {
   return dropout_p > 0.0 ? static_cast<uint64_t>(rng_seed->item<int64_t>()) : 0;
+}
+
+// Math runs in fp32, or fp64 for fp64 inputs.
+inline at::ScalarType attention_compute_type(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 // `t` in `dtype` with a unit-stride last dim (other strides are kept: the kernels read them).

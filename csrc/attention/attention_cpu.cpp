@@ -26,19 +26,6 @@
 namespace torchfast {
 namespace {
 
-// One (B, H, N, D) operand read in place: element (b, h, n, d) at b*sb + h*sh + n*ld + d.
-template <typename T>
-struct Rows {
-  const T* data = nullptr;
-  int64_t sb = 0, sh = 0, ld = 0;
-  const T* at(int64_t b, int64_t h, int64_t n) const { return data + b * sb + h * sh + n * ld; }
-};
-
-template <typename T>
-Rows<T> rows_of(const at::Tensor& t) {
-  return {t.const_data_ptr<T>(), t.stride(0), t.stride(1), t.size(2) > 1 ? t.stride(2) : std::max<int64_t>(t.size(3), 1)};
-}
-
 template <typename T>
 constexpr T neg_inf() {
   return -std::numeric_limits<T>::infinity();
@@ -85,8 +72,7 @@ void add_row(T* x, const T* y, int64_t n) {
 // Everything a block of rows needs to know about masking and dropout.
 template <typename T>
 struct Masking {
-  const T* mask = nullptr;  // additive, (B, H, L, S) strides below, unit-stride last dim
-  int64_t msb = 0, msh = 0, msl = 0;
+  MaskView<T> mask;
   bool causal = false;
   bool dropout = false;
   uint32_t threshold = 0;
@@ -95,7 +81,7 @@ struct Masking {
 
   // Adds the mask and the causal -inf to scores row[0, n) of query i against keys j0.. .
   void apply(T* row, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n) const {
-    if (mask != nullptr) add_row(row, mask + b * msb + h * msh + i * msl + j0, n);
+    if (mask.data != nullptr) add_row(row, mask.row(b, h, i) + j0, n);
     if (causal && j0 + n - 1 > i) std::fill(row + std::max<int64_t>(i - j0 + 1, 0), row + n, neg_inf<T>());
   }
   // Per-element dropout factor (0 or keep_scale) of query i against keys j0..j0+n.
@@ -108,12 +94,7 @@ struct Masking {
 template <typename T>
 Masking<T> make_masking(const at::Tensor& mask, bool causal, double p, uint64_t seed) {
   Masking<T> mk;
-  if (mask.defined()) {
-    mk.mask = mask.const_data_ptr<T>();
-    mk.msb = mask.stride(0);
-    mk.msh = mask.stride(1);
-    mk.msl = mask.stride(2);
-  }
+  mk.mask = mask_view<T>(mask);
   mk.causal = causal;
   mk.dropout = p > 0.0;
   mk.threshold = dropout_threshold(p);
@@ -273,8 +254,6 @@ void backward_kernel(const Rows<T>& dout, const Rows<T>& q, const Rows<T>& k, co
   }
 }
 
-at::ScalarType compute_type(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
 std::tuple<at::Tensor, at::Tensor> flash_attention_cpu(const at::Tensor& query, const at::Tensor& key,
                                                        const at::Tensor& value,
                                                        const std::optional<at::Tensor>& attn_mask, bool is_causal,
@@ -282,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_cpu(const at::Tensor& query, 
                                                        const std::optional<at::Tensor>& rng_seed) {
   const AttnShape sh =
       check_attention_args("torchfast.flash_attention", query, key, value, attn_mask, scale, dropout_p, rng_seed);
-  const auto ct = compute_type(query);
+  const auto ct = attention_compute_type(query);
   const at::Tensor q = attention_operand(query, ct), k = attention_operand(key, ct), v = attention_operand(value, ct);
   const at::Tensor mask = attention_mask_operand(attn_mask, sh, ct);
   const auto opts = query.options().dtype(ct);
@@ -310,7 +289,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
               " and out ", out.sizes(), " must have shape ", at::IntArrayRef(out_shape));
   TORCH_CHECK(logsumexp.sizes() == at::IntArrayRef({sh.B, sh.H, sh.L}), op, ": logsumexp must have shape (", sh.B,
               ", ", sh.H, ", ", sh.L, "), got ", logsumexp.sizes());
-  const auto ct = compute_type(query);
+  const auto ct = attention_compute_type(query);
   const at::Tensor q = attention_operand(query, ct), k = attention_operand(key, ct), v = attention_operand(value, ct);
   const at::Tensor dout = attention_operand(grad_out, ct), o = attention_operand(out, ct);
   const at::Tensor lse = logsumexp.to(ct).contiguous();

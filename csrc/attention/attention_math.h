@@ -7,6 +7,22 @@
 
 namespace torchfast {
 
+// One (B, H, N, D) operand read in place: element (b, h, n, d) at b*sb + h*sh + n*ld + d.
+template <typename T>
+struct Rows {
+  const T* data = nullptr;
+  int64_t sb = 0, sh = 0, ld = 0;
+  C10_HOST_DEVICE const T* at(int64_t b, int64_t h, int64_t n) const { return data + b * sb + h * sh + n * ld; }
+};
+
+// The additive mask, (B, H, L, S) strides with a unit-stride last dim; data is null without one.
+template <typename T>
+struct MaskView {
+  const T* data = nullptr;
+  int64_t sb = 0, sh = 0, sl = 0;
+  C10_HOST_DEVICE const T* row(int64_t b, int64_t h, int64_t i) const { return data + b * sb + h * sh + i * sl; }
+};
+
 // murmur3's 32-bit finaliser: a cheap bijective mix with good avalanche.
 C10_HOST_DEVICE inline uint32_t attn_mix32(uint32_t h) {
   h ^= h >> 16;

@@ -11,8 +11,10 @@ from torchfast import _loader
 from torchfast.ops._registry import compiled_op, register_fake_if_compiled
 from torchfast.reference import attention as ref
 
-# The CUDA kernel keeps a query tile's rows in registers: head dims above this use the reference there.
+# The CUDA kernels keep a row's head dim in registers and a key tile in shared memory: head dims above
+# these use the reference there (fp64 tiles take twice the shared memory).
 CUDA_MAX_HEAD_DIM = 256
+CUDA_MAX_HEAD_DIM_FP64 = 128
 
 
 def _lse_dtype(q: Tensor) -> torch.dtype:
@@ -55,20 +57,23 @@ if _loader.STATE.loaded:
         pass
 
 
-def kernel_serves(query: Tensor, attn_mask: Optional[Tensor]) -> bool:
+def kernel_serves(query: Tensor, value: Tensor, attn_mask: Optional[Tensor]) -> bool:
     """Whether the compiled kernel handles this call (else the reference does)."""
     device = query.device.type
     if not (_loader.has_kernel("flash_attention", device) and _loader.has_kernel("flash_attention_backward", device)):
         return False
     if attn_mask is not None and attn_mask.requires_grad:
         return False  # the kernels give no mask gradient
-    return device != "cuda" or query.size(-1) <= CUDA_MAX_HEAD_DIM
+    if device != "cuda":
+        return True
+    limit = CUDA_MAX_HEAD_DIM_FP64 if query.dtype == torch.float64 else CUDA_MAX_HEAD_DIM
+    return max(query.size(-1), value.size(-1)) <= limit
 
 
 def flash_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
                     scale: float, dropout_p: float, rng_seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """(out, logsumexp) for 4-D (B, H, L, D) operands and an additive float mask; see csrc/torchfast.cpp."""
-    if kernel_serves(query, attn_mask):
+    if kernel_serves(query, value, attn_mask):
         return compiled_op("flash_attention")(query, key, value, attn_mask, is_causal, float(scale),
                                               float(dropout_p), rng_seed)
     return ref.flash_attention(query, key, value, attn_mask, is_causal, float(scale), float(dropout_p), rng_seed)
