@@ -65,6 +65,24 @@ def _bench(args) -> int:
               f"{device} ({where}), median of {max(5, args.rounds // 2)} interleaved rounds; GB/s counts 11 "
               "tensor passes of 4 B per element for the fused BN forward+backward.\n")
         print(bench.format_norm_table(rows) + "\n")
+    if "attention" in args.suites:
+        from torchfast import bench_attention as ba
+        cuda = device == "cuda"
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+            args.attn_dtype or ("bf16" if cuda else "fp32")]
+        lengths = args.attn_lengths or ([1024, 4096, 16384] if cuda else [512, 2048])
+        rounds = max(3, args.rounds // 4)
+        for D in args.attn_head_dims:
+            rows = report.setdefault("attention", [])
+            new = ba.attention_report(device=device, rounds=rounds, lengths=lengths, D=D, dtype=dtype)
+            rows += [dict(r, D=D, dtype=str(dtype)) for r in new]
+            print(f"Attention, B=4, H=8, D={D}, {dtype}, {device} ({where}), median of {rounds} interleaved rounds; "
+                  "GFLOP/s counts the matmuls (2 GEMMs forward, 7 forward+backward).\n")
+            print(ba.format_attention_table(new) + "\n")
+        mem_lengths = args.attn_memory_lengths or ([1024, 4096, 16384] if cuda else [512, 2048, 8192])
+        rows = report["attention_memory"] = ba.memory_report(device=device, lengths=mem_lengths)
+        print(f"Attention peak extra memory, forward+backward, B=4, H=8, D=64, fp32, {device}.\n")
+        print(ba.format_memory_table(rows) + "\n")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
@@ -125,15 +143,21 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="torch version, build configuration and active kernels per device")
     p_info.add_argument("--json", action="store_true", help="print as JSON")
-    p_bench = sub.add_parser("bench", help="time the fused optimizers against torch.optim (foreach, fused=True)")
+    p_bench = sub.add_parser("bench", help="time torchfast's kernels against PyTorch (optimizers, clipping, batch norm, attention)")
     p_bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p_bench.add_argument("--rounds", type=int, default=20, help="timed rounds per implementation (median reported)")
     p_bench.add_argument("--cases", nargs="+", default=["resnet18", "2000x4096"], choices=["resnet18", "2000x4096"])
     p_bench.add_argument("--optimizers", nargs="+", default=["adam", "adamw", "sgd_momentum"],
                          choices=["adam", "adamw", "sgd_momentum"])
-    p_bench.add_argument("--suites", nargs="+", default=["optim", "clip", "norm"],
-                         choices=["optim", "clip", "norm"],
-                         help="optimizer steps, gradient clipping, fused batch norm / ResidualBlock")
+    p_bench.add_argument("--suites", nargs="+", default=["optim", "clip", "norm", "attention"],
+                         choices=["optim", "clip", "norm", "attention"],
+                         help="optimizer steps, gradient clipping, fused batch norm / ResidualBlock, attention")
+    p_bench.add_argument("--attn-lengths", nargs="+", type=int,
+                         help="attention sequence lengths (default: 512 2048 on the CPU, 1024 4096 16384 on CUDA)")
+    p_bench.add_argument("--attn-memory-lengths", nargs="+", type=int,
+                         help="lengths for the peak-memory table (default: 512 2048 8192; CUDA 1024 4096 16384)")
+    p_bench.add_argument("--attn-head-dims", nargs="+", type=int, default=[64])
+    p_bench.add_argument("--attn-dtype", choices=["fp32", "bf16", "fp16"], help="default: fp32 on the CPU, bf16 on CUDA")
     p_bench.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     p_train = sub.add_parser("train", help="train ComplexNetwork (fused layers) on scikit-learn's digits")
     p_train.add_argument("--out", help="run directory (default: runs/<timestamp>)")
