@@ -34,23 +34,49 @@ constexpr T neg_inf() {
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
+// Four independent accumulators keep the vector units busy; clamp_min is a plain max (a NaN score
+// still reaches the output through exp and the sum).
 template <typename T>
 T row_max(const T* x, int64_t n) {
-  return at::vec::reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return at::vec::maximum(a, b); }, x, n);
+  constexpr int64_t V = Vec<T>::size();
+  Vec<T> m0(neg_inf<T>()), m1(neg_inf<T>()), m2(neg_inf<T>()), m3(neg_inf<T>());
+  int64_t j = 0;
+  for (; j + 4 * V <= n; j += 4 * V) {
+    m0 = at::vec::clamp_min(Vec<T>::loadu(x + j), m0);
+    m1 = at::vec::clamp_min(Vec<T>::loadu(x + j + V), m1);
+    m2 = at::vec::clamp_min(Vec<T>::loadu(x + j + 2 * V), m2);
+    m3 = at::vec::clamp_min(Vec<T>::loadu(x + j + 3 * V), m3);
+  }
+  for (; j + V <= n; j += V) m0 = at::vec::clamp_min(Vec<T>::loadu(x + j), m0);
+  m0 = at::vec::clamp_min(at::vec::clamp_min(m0, m1), at::vec::clamp_min(m2, m3));
+  T r = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return at::vec::clamp_min(a, b); }, m0);
+  for (; j < n; ++j) r = x[j] > r ? x[j] : r;
+  return r;
 }
 
 // x = exp(x - shift) in place; returns the sum. exp(-inf) is 0 (masked entries).
-template <typename T>
+template <typename T, bool kSum = true>
 T exp_shifted_sum(T* x, int64_t n, T shift) {
+  constexpr int64_t V = Vec<T>::size();
   const Vec<T> vshift(shift);
-  Vec<T> vsum(T(0));
+  Vec<T> s0(T(0)), s1(T(0));
   int64_t j = 0;
-  for (; j + Vec<T>::size() <= n; j += Vec<T>::size()) {
+  for (; j + 2 * V <= n; j += 2 * V) {
+    const Vec<T> e0 = (Vec<T>::loadu(x + j) - vshift).exp_u20();
+    const Vec<T> e1 = (Vec<T>::loadu(x + j + V) - vshift).exp_u20();
+    e0.store(x + j);
+    e1.store(x + j + V);
+    if constexpr (kSum) {
+      s0 = s0 + e0;
+      s1 = s1 + e1;
+    }
+  }
+  for (; j + V <= n; j += V) {
     const Vec<T> e = (Vec<T>::loadu(x + j) - vshift).exp_u20();
     e.store(x + j);
-    vsum = vsum + e;
+    if constexpr (kSum) s0 = s0 + e;
   }
-  T sum = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, vsum);
+  T sum = kSum ? at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, s0 + s1) : T(0);
   for (; j < n; ++j) {
     const T e = std::exp(x[j] - shift);
     x[j] = e;
@@ -208,33 +234,46 @@ void backward_kernel(const Rows<T>& dout, const Rows<T>& q, const Rows<T>& k, co
         const int64_t i_first = mk.causal ? (j0 / qB) * qB : 0;  // earlier queries see none of these keys
         for (int64_t i0 = i_first; i0 < sh.L; i0 += qB) {
           const int64_t m = std::min(qB, sh.L - i0);
+          const T* dO = dout.at(b, h, i0);
           gemm_rm<T>(false, true, m, n, sh.D, scale, q.at(b, h, i0), q.ld, k.at(b, h, j0), k.ld, T(0), p.data(), n);
+          gemm_rm<T>(false, true, m, n, sh.Dv, T(1), dO, dout.ld, v.at(b, h, j0), v.ld, T(0), dp.data(), n);
+          // One pass per row while it is hot: P = exp(S - lse), dS = P * (dP * z - delta) into dp,
+          // and with dropout the kept probabilities P * z (what multiplied V) into pd.
           for (int64_t r = 0; r < m; ++r) {
             const int64_t i = i0 + r;
-            T* row = p.data() + r * n;
+            T* prow = p.data() + r * n;
+            T* dsrow = dp.data() + r * n;
             const T l = lse[bh * sh.L + i];
             if (l == neg_inf<T>()) {
-              std::fill(row, row + n, T(0));
-            } else {
-              mk.apply(row, b, h, i, j0, n);
-              exp_shifted_sum(row, n, l);
+              std::fill(prow, prow + n, T(0));
+              std::fill(dsrow, dsrow + n, T(0));
+              if (mk.dropout) std::fill(pd.data() + r * n, pd.data() + (r + 1) * n, T(0));
+              continue;
             }
-            if (mk.dropout) mk.factors(z.data() + r * n, bh, i, j0, n);
+            mk.apply(prow, b, h, i, j0, n);
+            const Vec<T> vl(l), dl(delta[bh * sh.L + i]);
+            if (!mk.dropout) {
+              int64_t j = 0;
+              for (; j + Vec<T>::size() <= n; j += Vec<T>::size()) {
+                const Vec<T> e = (Vec<T>::loadu(prow + j) - vl).exp_u20();
+                e.store(prow + j);
+                (e * (Vec<T>::loadu(dsrow + j) - dl)).store(dsrow + j);
+              }
+              for (; j < n; ++j) {
+                prow[j] = std::exp(prow[j] - l);
+                dsrow[j] = prow[j] * (dsrow[j] - delta[bh * sh.L + i]);
+              }
+            } else {
+              T* zrow = z.data() + r * n;
+              mk.factors(zrow, bh, i, j0, n);
+              exp_shifted_sum<T, false>(prow, n, l);
+              at::vec::map2([](Vec<T> a, Vec<T> f) { return a * f; }, pd.data() + r * n, prow, zrow, n);
+              at::vec::map3([dl](Vec<T> pp, Vec<T> g, Vec<T> f) { return pp * (g * f - dl); }, dsrow, prow, dsrow,
+                            zrow, n);
+            }
           }
-          const T* p_used = p.data();  // the probabilities that multiplied V in the forward
-          if (mk.dropout) {
-            at::vec::map2([](Vec<T> a, Vec<T> f) { return a * f; }, pd.data(), p.data(), z.data(), m * n);
-            p_used = pd.data();
-          }
-          const T* dO = dout.at(b, h, i0);
-          gemm_rm<T>(true, false, n, sh.Dv, m, T(1), p_used, n, dO, dout.ld, T(1), dv.data(), sh.Dv);
-          gemm_rm<T>(false, true, m, n, sh.Dv, T(1), dO, dout.ld, v.at(b, h, j0), v.ld, T(0), dp.data(), n);
-          if (mk.dropout) at::vec::map2([](Vec<T> a, Vec<T> f) { return a * f; }, dp.data(), dp.data(), z.data(), m * n);
-          for (int64_t r = 0; r < m; ++r) {  // dS = P * (dP - delta), into dp
-            const Vec<T> dl(delta[bh * sh.L + i0 + r]);
-            T* d = dp.data() + r * n;
-            at::vec::map2([dl](Vec<T> pp, Vec<T> g) { return pp * (g - dl); }, d, p.data() + r * n, d, n);
-          }
+          gemm_rm<T>(true, false, n, sh.Dv, m, T(1), mk.dropout ? pd.data() : p.data(), n, dO, dout.ld, T(1),
+                     dv.data(), sh.Dv);
           gemm_rm<T>(false, false, m, sh.D, n, scale, dp.data(), n, k.at(b, h, j0), k.ld, T(1), dq + i0 * sh.D, sh.D);
           gemm_rm<T>(true, false, n, sh.D, m, scale, dp.data(), n, q.at(b, h, i0), q.ld, T(1), dk.data(), sh.D);
         }
