@@ -85,6 +85,30 @@ T exp_shifted_sum(T* x, int64_t n, T shift) {
   return sum;
 }
 
+// dst = exp(x - shift); returns the sum, and the max of x through *xmax.
+template <typename T>
+T exp_shifted_sum_max(const T* x, T* dst, int64_t n, T shift, T* xmax) {
+  const Vec<T> vshift(shift);
+  Vec<T> vsum(T(0)), vmax(neg_inf<T>());
+  int64_t j = 0;
+  for (; j + Vec<T>::size() <= n; j += Vec<T>::size()) {
+    const Vec<T> xv = Vec<T>::loadu(x + j);
+    vmax = at::vec::clamp_min(xv, vmax);
+    const Vec<T> e = (xv - vshift).exp_u20();
+    e.store(dst + j);
+    vsum = vsum + e;
+  }
+  T sum = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, vsum);
+  T m = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return at::vec::clamp_min(a, b); }, vmax);
+  for (; j < n; ++j) {
+    m = x[j] > m ? x[j] : m;
+    dst[j] = std::exp(x[j] - shift);
+    sum += dst[j];
+  }
+  *xmax = m;
+  return sum;
+}
+
 template <typename T>
 void scale_row(T* x, int64_t n, T a) {
   at::vec::map([a](Vec<T> v) { return v * Vec<T>(a); }, x, x, n);
@@ -132,6 +156,8 @@ Masking<T> make_masking(const at::Tensor& mask, bool causal, double p, uint64_t 
 // Block sizes: big enough for the GEMMs to run near peak, small enough that a score block and the
 // operand blocks stay in L2.
 // (Measured at B=4, H=8, D=64 on AVX-512: forward 256 x 512, backward 128 x 256 were the fastest.)
+constexpr double kMaxSlack = 8.0;
+
 inline int64_t query_block(int64_t L) { return L >= 768 ? 256 : 64; }
 inline int64_t key_block(int64_t S) { return std::max<int64_t>(std::min<int64_t>(S, 512), 1); }
 inline int64_t backward_query_block(int64_t L) { return L >= 768 ? 128 : 64; }
@@ -143,7 +169,7 @@ void forward_kernel(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, const 
   const int64_t qB = query_block(sh.L), kB = key_block(sh.S);
   const int64_t nq = (sh.L + qB - 1) / qB;
   at::parallel_for(0, sh.B * sh.H * nq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scores(qB * kB), acc(qB * sh.Dv), mx(qB), sum(qB), z(mk.dropout ? kB : 0);
+    std::vector<T> scores(qB * kB), probs(qB * kB), acc(qB * sh.Dv), mx(qB), sum(qB), z(mk.dropout ? kB : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nq, i0 = (task % nq) * qB, m = std::min(qB, sh.L - i0);
       const int64_t b = bh / sh.H, h = bh % sh.H;
@@ -159,21 +185,31 @@ void forward_kernel(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, const 
           const int64_t i = i0 + r;
           T* row = scores.data() + r * n;
           mk.apply(row, b, h, i, j0, n);
-          const T new_max = std::max(mx[r], row_max(row, n));
-          if (new_max == neg_inf<T>()) {  // every key so far is masked
-            std::fill(row, row + n, T(0));
-            continue;
+          T* prow = probs.data() + r * n;
+          // Lazy rescaling: once a row has a max, exponentiate against it in the same pass that finds
+          // this block's max, and only redo the row (rare) when the block's max exceeds it by more
+          // than kMaxSlack -- the probabilities then stay below e^kMaxSlack, far from overflow.
+          T block_max = neg_inf<T>(), block_sum = T(0);
+          if (mx[r] != neg_inf<T>()) block_sum = exp_shifted_sum_max(row, prow, n, mx[r], &block_max);
+          if (mx[r] == neg_inf<T>() || block_max > mx[r] + kMaxSlack) {
+            const T new_max = std::max(mx[r], mx[r] == neg_inf<T>() ? row_max(row, n) : block_max);
+            if (new_max == neg_inf<T>()) {  // every key so far is masked
+              std::fill(prow, prow + n, T(0));
+              continue;
+            }
+            const T correction = std::exp(mx[r] - new_max);
+            block_sum = exp_shifted_sum_max(row, prow, n, new_max, &block_max);
+            if (correction != T(1)) scale_row(acc.data() + r * sh.Dv, sh.Dv, correction);
+            sum[r] *= correction;
+            mx[r] = new_max;
           }
-          const T correction = std::exp(mx[r] - new_max);
-          sum[r] = sum[r] * correction + exp_shifted_sum(row, n, new_max);
-          mx[r] = new_max;
-          if (correction != T(1)) scale_row(acc.data() + r * sh.Dv, sh.Dv, correction);
+          sum[r] += block_sum;
           if (mk.dropout) {  // the normaliser keeps every probability; the output only the kept ones
             mk.factors(z.data(), bh, i, j0, n);
-            at::vec::map2([](Vec<T> a, Vec<T> f) { return a * f; }, row, row, z.data(), n);
+            at::vec::map2([](Vec<T> a, Vec<T> f) { return a * f; }, prow, prow, z.data(), n);
           }
         }
-        gemm_rm<T>(false, false, m, sh.Dv, n, T(1), scores.data(), n, v.at(b, h, j0), v.ld, T(1), acc.data(),
+        gemm_rm<T>(false, false, m, sh.Dv, n, T(1), probs.data(), n, v.at(b, h, j0), v.ld, T(1), acc.data(),
                    sh.Dv);
       }
       for (int64_t r = 0; r < m; ++r) {
