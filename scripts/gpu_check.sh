@@ -27,8 +27,13 @@ TORCHFAST_REQUIRE_KERNELS=1 timeout 150 pytest tests -q -k cuda -p no:cacheprovi
   || echo "CUDA TESTS FAILED"
 
 echo "== CUDA benchmarks"
-(cd / && timeout 150 torchfast bench --device cuda --rounds 20 --json "$OUT/bench_cuda.json") \
-  | tee "$OUT/bench_cuda.md"
+(cd / && timeout 150 torchfast bench --device cuda --rounds 20 --suites optim clip norm \
+  --json "$OUT/bench_cuda.json") | tee "$OUT/bench_cuda.md"
+echo "== CUDA attention (bf16, D=64 and 128; GFLOP/s beside torch SDPA)"
+(cd / && timeout 200 torchfast bench --device cuda --rounds 12 --suites attention --attn-head-dims 64 128 \
+  --json "$OUT/bench_attention.json") | tee "$OUT/bench_attention.md" || echo "ATTENTION BENCH FAILED"
+(cd / && TORCHFAST_ATTENTION_WMMA=0 timeout 60 torchfast bench --device cuda --rounds 6 --suites attention \
+  --attn-lengths 4096 --attn-memory-lengths 4096) | tee "$OUT/bench_attention_scalar.md" || true
 
 echo "== device copy bandwidth vs Adam"
 python - "$OUT/bench_cuda.json" <<'PY'

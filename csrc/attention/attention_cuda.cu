@@ -1,6 +1,7 @@
 // CUDA kernels of torchfast::flash_attention and torchfast::flash_attention_backward.
 //
-// Kept simple until a GPU has run them (scalar FMAs in the compute type, no tensor cores yet):
+// fp16/bf16 forwards with head dims 32, 64 or 128 on sm_80+ run on tensor cores
+// (attention_wmma.cuh). Everything else runs on the scalar kernels below (FMAs in the compute type):
 // Forward: a block of 4 warps owns 16 query rows (4 per warp, scaled q in shared memory) and walks
 // the keys in tiles of 32 staged in shared memory. Lane j scores key j of the tile; the warp keeps
 // the online-softmax row max and sum; the output row lives in registers, lane-strided over the
@@ -16,7 +17,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <limits>
+#include <string>
 
 #include "attention/attention_checks.h"
 #include "attention/attention_math.h"
@@ -248,6 +251,49 @@ Dropout<acc_t> make_dropout(double p, uint64_t seed) {
   return {p > 0.0, dropout_threshold(p), p < 1.0 ? static_cast<acc_t>(1.0 / (1.0 - p)) : acc_t(0), seed};
 }
 
+}  // namespace
+
+}  // namespace torchfast
+
+#include "attention/attention_wmma.cuh"
+
+namespace torchfast {
+namespace {
+
+// Whether the tensor-core forward takes this call (TORCHFAST_ATTENTION_WMMA=0 turns it off).
+bool use_wmma_forward(const at::Tensor& q, const AttnShape& sh) {
+  static const bool enabled = [] {
+    const char* env = std::getenv("TORCHFAST_ATTENTION_WMMA");
+    return env == nullptr || std::string(env) != "0";
+  }();
+  const bool reduced = q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
+  const bool dims = sh.D == sh.Dv && (sh.D == 32 || sh.D == 64 || sh.D == 128);
+  return enabled && reduced && dims && at::cuda::getCurrentDeviceProperties()->major >= 8;
+}
+
+template <typename scalar_t>
+void launch_wmma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                         bool causal, const Dropout<float>& drop, float scale, const Dims& dm, at::Tensor& out,
+                         at::Tensor& lse, cudaStream_t stream) {
+  namespace wa = wmma_attention;
+  const int64_t tiles = (dm.L + wa::kRows - 1) / wa::kRows;
+  const size_t smem = wa::Layout(static_cast<int>(dm.D)).total;
+  auto launch = [&](auto kernel) {
+    allow_shared_memory(kernel, smem, dm.D, dm.Dv);
+    kernel<<<dm.B * dm.H * tiles, wa::kThreads, smem, stream>>>(
+        rows_of<scalar_t>(q), rows_of<scalar_t>(k), rows_of<scalar_t>(v), mask_view<float>(mask), causal, drop, scale,
+        dm, tiles, out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (dm.D == 32) {
+    launch(wa::forward_kernel<scalar_t, 32>);
+  } else if (dm.D == 64) {
+    launch(wa::forward_kernel<scalar_t, 64>);
+  } else {
+    launch(wa::forward_kernel<scalar_t, 128>);
+  }
+}
+
 void check_head_dims(const AttnShape& sh) {
   TORCH_CHECK(sh.D <= 256 && sh.Dv <= 256, "torchfast.flash_attention: the CUDA kernel takes head dims up to 256, got ",
               sh.D, " and ", sh.Dv, " (torchfast.nn.functional.scaled_dot_product_attention routes larger ones to "
@@ -274,6 +320,13 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_cuda(const at::Tensor& query,
   const int64_t tiles = (sh.L + kRows - 1) / kRows;
   const Dims dm{sh.B, sh.H, sh.L, sh.S, sh.D, sh.Dv};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (use_wmma_forward(query, sh)) {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(query.scalar_type(), "flash_attention_cuda_wmma", [&] {
+      launch_wmma_forward<scalar_t>(q, k, v, mask, is_causal, make_dropout<float>(dropout_p, seed),
+                                    static_cast<float>(scale), dm, out, lse, stream);
+    });
+    return {out, lse};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "flash_attention_cuda", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const size_t smem = sizeof(acc_t) * (kRows * sh.D + kKeys * (sh.D + 1) + kKeys * sh.Dv);
