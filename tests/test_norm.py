@@ -215,6 +215,7 @@ def test_conv_bn_relu_inference_folds_bn(layout, device):
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
         assert ours._folded.key is not None
+        assert ours(x).stride() == theirs(x).stride()  # the output keeps torch's layout
         theirs[1].running_var.mul_(2)
         ours[1].running_var.mul_(2)
         torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
@@ -277,6 +278,7 @@ def test_residual_block_inference_folds_bn(layout, device):
     with torch.no_grad():
         y = ours(x)
         torch.testing.assert_close(y, theirs(x), rtol=1e-5, atol=1e-5)
+        assert y.stride() == theirs(x).stride()  # the output keeps torch's layout
         assert ours._folded[0].key is not None  # the folded path ran
         # the cache follows the parameters and buffers it was built from
         for m in (theirs, ours):
@@ -296,3 +298,20 @@ def test_residual_block_eval_with_grad_does_not_fold(device):
     theirs(x).sum().backward()
     assert ours._folded[0].key is None
     torch.testing.assert_close(ours.conv1.weight.grad, theirs.conv1.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_conv_bn_inference_without_relu_and_strided(layout, device):
+    torch.manual_seed(1)
+    theirs = nn.Sequential(nn.Conv2d(5, 7, 3, stride=2, padding=(1, 2), dilation=2), nn.BatchNorm2d(7)).to(device)
+    theirs[1].running_mean.uniform_(-1, 1)
+    theirs[1].running_var.uniform_(0.5, 2)
+    ours = torchfast.nn.ConvBNReLU2d(5, 7, 3, stride=2, padding=(1, 2), dilation=2, relu=False).to(device)
+    ours.load_state_dict(theirs.state_dict())
+    theirs.eval()
+    ours.eval()
+    x = make_input((3, 5, 11, 13), layout, torch.float32, device)
+    with torch.no_grad():
+        y = ours(x)
+        torch.testing.assert_close(y, theirs(x), rtol=1e-5, atol=1e-5)
+        assert y.stride() == theirs(x).stride() and (y < 0).any()

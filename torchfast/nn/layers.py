@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from torchfast.nn import _onednn
 from torchfast.nn.functional import batch_norm_add_relu
 
 __all__ = ["BatchNormReLU2d", "BatchNormAddReLU2d", "ConvBNReLU2d", "FoldedConvBN", "ResidualBlock", "add_relu",
@@ -65,6 +66,9 @@ class ConvBNReLU2d(nn.Sequential):
         conv, bn = self[0], self[1]
         if isinstance(conv, nn.Conv2d) and conv.padding_mode == "zeros" and can_fold(self, (bn,), input):
             weight, bias = self._folded.get(conv, bn, _is_channels_last(input))
+            if _onednn.usable(input, weight, conv.padding):  # the ReLU as the convolution's post-op
+                return _onednn.conv2d_relu(input, weight, bias, conv.stride, conv.padding, conv.dilation,
+                                           conv.groups, self.relu)
             out = torch.nn.functional.conv2d(input, weight, bias, conv.stride, conv.padding, conv.dilation,
                                              conv.groups)
             return out.relu_() if self.relu else out
@@ -143,7 +147,8 @@ class ResidualBlock(nn.Module):
     Training: each BN + (residual add) + ReLU is one fused kernel. Inference (eval mode, no
     gradient needed): the BNs are folded into the convolutions (cached until a parameter or buffer
     changes or the mode switches), the convolutions keep the input's layout (channels_last inputs
-    are the fast case on CPU), and the residual add + ReLU is one fused epilogue.
+    are the fast case on CPU), and the residual add + ReLU is one fused epilogue (on CPU fp32, the
+    ReLU and the add + ReLU run as oneDNN post-ops of the convolutions).
     """
 
     def __init__(self, channels: int):
@@ -171,6 +176,9 @@ class ResidualBlock(nn.Module):
         cl = _is_channels_last(x)
         w1, b1 = self._folded[0].get(self.conv1, self.bn1, cl)
         w2, b2 = self._folded[1].get(self.conv2, self.bn2, cl)
+        if _onednn.usable(x, w1, (1, 1)):  # ReLU, and add + ReLU, as the convolutions' post-ops
+            out = _onednn.conv2d_relu(x, w1, b1, (1, 1), (1, 1), (1, 1), 1, relu=True)
+            return _onednn.conv2d_add_relu(out, x, w2, b2, (1, 1), (1, 1), (1, 1), 1)
         out = torch.nn.functional.conv2d(x, w1, b1, padding=1).relu_()
         return add_relu(torch.nn.functional.conv2d(out, w2, b2, padding=1), x)
 
