@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 namespace torchfast {
 
@@ -70,6 +71,25 @@ template <typename T>
 MaskView<T> mask_view(const at::Tensor& mask) {
   if (!mask.defined()) return {};
   return {mask.const_data_ptr<T>(), mask.stride(0), mask.stride(1), mask.stride(2)};
+}
+
+inline AttnShape check_attention_backward_args(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                               const std::optional<at::Tensor>& mask, double scale,
+                                               double dropout_p, const std::optional<at::Tensor>& rng_seed) {
+  const char* op = "torchfast.flash_attention_backward";
+  const AttnShape sh = check_attention_args(op, q, k, v, mask, scale, dropout_p, rng_seed);
+  const std::vector<int64_t> out_shape{sh.B, sh.H, sh.L, sh.Dv};
+  TORCH_CHECK(grad_out.sizes() == out_shape && out.sizes() == out_shape, op, ": grad_out ", grad_out.sizes(),
+              " and out ", out.sizes(), " must have shape ", at::IntArrayRef(out_shape));
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({sh.B, sh.H, sh.L}), op, ": logsumexp must have shape (", sh.B, ", ",
+              sh.H, ", ", sh.L, "), got ", lse.sizes());
+  TORCH_CHECK(grad_out.device() == q.device() && out.device() == q.device() && lse.device() == q.device(), op,
+              ": grad_out, out and logsumexp must be on the query's device ", q.device());
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), op,
+              ": grad_out and out must have the query's dtype ", q.scalar_type(), ", got ", grad_out.scalar_type(),
+              " and ", out.scalar_type());
+  return sh;
 }
 
 // The seed the dropout hash uses (0 when there is no dropout).

@@ -347,14 +347,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& out, const at::Tensor& logsumexp, const std::optional<at::Tensor>& attn_mask, bool is_causal,
     double scale, double dropout_p, const std::optional<at::Tensor>& rng_seed) {
-  const char* op = "torchfast.flash_attention_backward";
-  const AttnShape sh = check_attention_args(op, query, key, value, attn_mask, scale, dropout_p, rng_seed);
+  const AttnShape sh = check_attention_backward_args(grad_out, query, key, value, out, logsumexp, attn_mask, scale,
+                                                    dropout_p, rng_seed);
   check_head_dims(sh);
-  const std::vector<int64_t> out_shape{sh.B, sh.H, sh.L, sh.Dv};
-  TORCH_CHECK(grad_out.sizes() == out_shape && out.sizes() == out_shape, op, ": grad_out ", grad_out.sizes(),
-              " and out ", out.sizes(), " must have shape ", at::IntArrayRef(out_shape));
-  TORCH_CHECK(logsumexp.sizes() == at::IntArrayRef({sh.B, sh.H, sh.L}), op, ": logsumexp must have shape (", sh.B,
-              ", ", sh.H, ", ", sh.L, "), got ", logsumexp.sizes());
   const c10::cuda::CUDAGuard guard(query.device());
   const auto dt = query.scalar_type();
   const auto ct = attention_compute_type(query);
