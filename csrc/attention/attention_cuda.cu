@@ -99,9 +99,11 @@ __global__ void __launch_bounds__(kThreads)
     q_s[e] = i < dm.L ? static_cast<acc_t>(q.at(b, h, i)[e % D]) * scale : acc_t(0);
   }
   acc_t m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][NT];
+#pragma unroll
   for (int rr = 0; rr < kRowsPerWarp; ++rr) {
     m[rr] = neg_inf<acc_t>();
     l[rr] = acc_t(0);
+#pragma unroll
     for (int t = 0; t < NT; ++t) acc[rr][t] = acc_t(0);
   }
   const int64_t kv_end = causal ? (dm.S < row0 + kRows ? dm.S : row0 + kRows) : dm.S;
@@ -111,10 +113,11 @@ __global__ void __launch_bounds__(kThreads)
     stage_tile(k_s, D + 1, k, b, h, j0, n, D);
     stage_tile(v_s, Dv, v, b, h, j0, n, Dv);
     __syncthreads();
+#pragma unroll
     for (int rr = 0; rr < kRowsPerWarp; ++rr) {
       const int r = warp * kRowsPerWarp + rr;
       const int64_t i = row0 + r, j = j0 + lane;
-      if (i >= dm.L) break;  // uniform across the warp
+      if (i >= dm.L) continue;  // uniform across the warp (and so are the later rows)
       acc_t s = neg_inf<acc_t>();
       if (lane < n && (!causal || j <= i)) {
         acc_t dot = acc_t(0);
@@ -130,9 +133,11 @@ __global__ void __launch_bounds__(kThreads)
       l[rr] = l[rr] * corr + warp_sum(p);
       m[rr] = new_m;
       if (drop.on && lane < n) p *= drop.factor(bh, i, j);  // after the normaliser, as on the CPU
+#pragma unroll
       for (int t = 0; t < NT; ++t) acc[rr][t] *= corr;
       for (int jj = 0; jj < n; ++jj) {
         const acc_t pj = __shfl_sync(kFull, p, jj);
+#pragma unroll
         for (int t = 0; t < NT; ++t) {
           const int d = lane + 32 * t;
           if (d < Dv) acc[rr][t] += pj * v_s[jj * Dv + d];
@@ -140,10 +145,12 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
+#pragma unroll
   for (int rr = 0; rr < kRowsPerWarp; ++rr) {
     const int64_t i = row0 + warp * kRowsPerWarp + rr;
-    if (i >= dm.L) break;
+    if (i >= dm.L) continue;
     const acc_t inv = l[rr] > acc_t(0) ? acc_t(1) / l[rr] : acc_t(0);  // fully masked rows give 0
+#pragma unroll
     for (int t = 0; t < NT; ++t) {
       const int d = lane + 32 * t;
       if (d < Dv) out[(bh * dm.L + i) * Dv + d] = static_cast<scalar_t>(acc[rr][t] * inv);
@@ -202,14 +209,17 @@ __global__ void __launch_bounds__(kThreads)
     if (ds != acc_t(0))
       for (int d = 0; d < D; ++d) atomicAdd(&dk_s[lane * (D + 1) + d], ds * scale * qr[d]);
     acc_t dqv[NT];
+#pragma unroll
     for (int t = 0; t < NT; ++t) dqv[t] = acc_t(0);
     for (int jj = 0; jj < n; ++jj) {
       const acc_t dsj = __shfl_sync(kFull, ds, jj);
+#pragma unroll
       for (int t = 0; t < NT; ++t) {
         const int d = lane + 32 * t;
         if (d < D) dqv[t] += dsj * k_s[jj * (D + 1) + d];
       }
     }
+#pragma unroll
     for (int t = 0; t < NT; ++t) {
       const int d = lane + 32 * t;
       if (d < D && dqv[t] != acc_t(0)) atomicAdd(&dq[(bh * dm.L + i) * D + d], dqv[t] * scale);
@@ -246,6 +256,12 @@ void allow_shared_memory(Kernel kernel, size_t bytes, int64_t D, int64_t Dv) {
   }
 }
 
+unsigned int grid_size(int64_t blocks) {
+  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "torchfast.flash_attention: ", blocks,
+              " thread blocks exceed the CUDA grid limit; split the batch");
+  return static_cast<unsigned int>(blocks);
+}
+
 template <typename acc_t>
 Dropout<acc_t> make_dropout(double p, uint64_t seed) {
   return {p > 0.0, dropout_threshold(p), p < 1.0 ? static_cast<acc_t>(1.0 / (1.0 - p)) : acc_t(0), seed};
@@ -271,33 +287,36 @@ bool use_wmma_forward(const at::Tensor& q, const AttnShape& sh) {
   return enabled && reduced && dims && at::cuda::getCurrentDeviceProperties()->major >= 8;
 }
 
+// Runs the tensor-core forward and returns true, or returns false (nothing launched) when its
+// kernel was not built for this GPU's arch.
 template <typename scalar_t>
-void launch_wmma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+bool launch_wmma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
                          bool causal, const Dropout<float>& drop, float scale, const Dims& dm, at::Tensor& out,
                          at::Tensor& lse, cudaStream_t stream) {
   namespace wa = wmma_attention;
   const int64_t tiles = (dm.L + wa::kRows - 1) / wa::kRows;
   const size_t smem = wa::Layout(static_cast<int>(dm.D)).total;
   auto launch = [&](auto kernel) {
+    if (!wa::kernel_built_for_sm80(kernel)) return false;
     allow_shared_memory(kernel, smem, dm.D, dm.Dv);
-    kernel<<<dm.B * dm.H * tiles, wa::kThreads, smem, stream>>>(
+    kernel<<<grid_size(dm.B * dm.H * tiles), wa::kThreads, smem, stream>>>(
         rows_of<scalar_t>(q), rows_of<scalar_t>(k), rows_of<scalar_t>(v), mask_view<float>(mask), causal, drop, scale,
         dm, tiles, out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return true;
   };
-  if (dm.D == 32) {
-    launch(wa::forward_kernel<scalar_t, 32>);
-  } else if (dm.D == 64) {
-    launch(wa::forward_kernel<scalar_t, 64>);
-  } else {
-    launch(wa::forward_kernel<scalar_t, 128>);
-  }
+  if (dm.D == 32) return launch(wa::forward_kernel<scalar_t, 32>);
+  if (dm.D == 64) return launch(wa::forward_kernel<scalar_t, 64>);
+  return launch(wa::forward_kernel<scalar_t, 128>);
 }
 
-void check_head_dims(const AttnShape& sh) {
-  TORCH_CHECK(sh.D <= 256 && sh.Dv <= 256, "torchfast.flash_attention: the CUDA kernel takes head dims up to 256, got ",
-              sh.D, " and ", sh.Dv, " (torchfast.nn.functional.scaled_dot_product_attention routes larger ones to "
-              "the reference)");
+// The limits of torchfast/ops/attention.py's CUDA_MAX_HEAD_DIM(_FP64): fp64 tiles of larger head
+// dims do not fit the backward's shared memory.
+void check_head_dims(const AttnShape& sh, at::ScalarType dtype) {
+  const int64_t limit = dtype == at::kDouble ? 128 : 256;
+  TORCH_CHECK(sh.D <= limit && sh.Dv <= limit, "torchfast.flash_attention: the CUDA kernel takes ", dtype,
+              " head dims up to ", limit, ", got ", sh.D, " and ", sh.Dv,
+              " (torchfast.nn.functional.scaled_dot_product_attention routes larger ones to the reference)");
 }
 
 std::tuple<at::Tensor, at::Tensor> flash_attention_cuda(const at::Tensor& query, const at::Tensor& key,
@@ -307,7 +326,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_cuda(const at::Tensor& query,
                                                         const std::optional<at::Tensor>& rng_seed) {
   const AttnShape sh =
       check_attention_args("torchfast.flash_attention", query, key, value, attn_mask, scale, dropout_p, rng_seed);
-  check_head_dims(sh);
+  check_head_dims(sh, query.scalar_type());
   const c10::cuda::CUDAGuard guard(query.device());
   const auto ct = attention_compute_type(query);
   const at::Tensor q = attention_operand(query, query.scalar_type());
@@ -321,11 +340,12 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_cuda(const at::Tensor& query,
   const Dims dm{sh.B, sh.H, sh.L, sh.S, sh.D, sh.Dv};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (use_wmma_forward(query, sh)) {
+    bool launched = false;
     AT_DISPATCH_REDUCED_FLOATING_TYPES(query.scalar_type(), "flash_attention_cuda_wmma", [&] {
-      launch_wmma_forward<scalar_t>(q, k, v, mask, is_causal, make_dropout<float>(dropout_p, seed),
-                                    static_cast<float>(scale), dm, out, lse, stream);
+      launched = launch_wmma_forward<scalar_t>(q, k, v, mask, is_causal, make_dropout<float>(dropout_p, seed),
+                                               static_cast<float>(scale), dm, out, lse, stream);
     });
-    return {out, lse};
+    if (launched) return {out, lse};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "flash_attention_cuda", [&] {
     using acc_t = acc_type_t<scalar_t>;
@@ -333,7 +353,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_cuda(const at::Tensor& query,
     with_head_dim_bucket(std::max(sh.D, sh.Dv), [&](auto nt) {
       auto kernel = attention_forward_kernel<scalar_t, decltype(nt)::value>;
       allow_shared_memory(kernel, smem, sh.D, sh.Dv);
-      kernel<<<sh.B * sh.H * tiles, kThreads, smem, stream>>>(
+      kernel<<<grid_size(sh.B * sh.H * tiles), kThreads, smem, stream>>>(
           rows_of<scalar_t>(q), rows_of<scalar_t>(k), rows_of<scalar_t>(v), mask_view<acc_t>(mask), is_causal,
           make_dropout<acc_t>(dropout_p, seed), static_cast<acc_t>(scale), dm, tiles, out.mutable_data_ptr<scalar_t>(),
           lse.mutable_data_ptr<acc_t>());
@@ -349,7 +369,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cuda(
     double scale, double dropout_p, const std::optional<at::Tensor>& rng_seed) {
   const AttnShape sh = check_attention_backward_args(grad_out, query, key, value, out, logsumexp, attn_mask, scale,
                                                     dropout_p, rng_seed);
-  check_head_dims(sh);
+  check_head_dims(sh, query.scalar_type());
   const c10::cuda::CUDAGuard guard(query.device());
   const auto dt = query.scalar_type();
   const auto ct = attention_compute_type(query);
@@ -373,7 +393,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cuda(
       with_head_dim_bucket(std::max(sh.D, sh.Dv), [&](auto nt) {
         auto kernel = attention_backward_kernel<scalar_t, decltype(nt)::value>;
         allow_shared_memory(kernel, smem, sh.D, sh.Dv);
-        kernel<<<sh.B * sh.H * tiles, kThreads, smem, stream>>>(
+        kernel<<<grid_size(sh.B * sh.H * tiles), kThreads, smem, stream>>>(
             rows_of<scalar_t>(dout), rows_of<scalar_t>(q), rows_of<scalar_t>(k), rows_of<scalar_t>(v),
             lse.const_data_ptr<acc_t>(), delta.const_data_ptr<acc_t>(), mask_view<acc_t>(mask), is_causal,
             make_dropout<acc_t>(dropout_p, seed), static_cast<acc_t>(scale), dm, tiles, dq.mutable_data_ptr<acc_t>(),

@@ -103,6 +103,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t b = bh / dm.H, h = bh % dm.H;
   load_tile(q_s, lay.ld_h, reinterpret_cast<const N*>(q.at(b, h, 0)), q.ld, row0, dm.L, kRows, D);
   for (int e = lane; e < kRowsPerWarp * D; e += 32) o_w[(e / D) * lay.ld_o + e % D] = 0.f;
+  __syncwarp();  // each lane later reads rows other lanes zeroed
 
   // Lanes r and r + 16 share row r of the warp's 16; each takes 32 of the tile's 64 columns.
   const int r = lane & 15, side = lane >> 4;
@@ -133,6 +134,7 @@ __global__ void __launch_bounds__(kThreads)
     // Online softmax over this row's 64 scores (32 per lane).
     float sv[32];
     float tile_max = -INFINITY;
+#pragma unroll
     for (int c = 0; c < 32; ++c) {
       const int col = side * 32 + c;
       const int64_t j = j0 + col;
@@ -148,11 +150,15 @@ __global__ void __launch_bounds__(kThreads)
     const float new_m = fmaxf(m, tile_max);
     const float corr = new_m == -INFINITY ? 1.f : __expf(m - new_m);
     float sum = 0.f;
+    const uint32_t row_key = drop.on ? dropout_row_key(drop.seed, bh, i) : 0u;
+#pragma unroll
     for (int c = 0; c < 32; ++c) {
       const int col = side * 32 + c;
       float p = new_m == -INFINITY ? 0.f : __expf(sv[c] - new_m);
       sum += p;
-      if (drop.on && p != 0.f) p *= drop.factor(bh, i, j0 + col);
+      // Dropped probabilities become 0 here; the kept ones' 1 / (1 - p) is applied to the output
+      // in fp32 (in fp16 it could overflow for p close to 1).
+      if (drop.on && dropout_bits(row_key, j0 + col) < drop.threshold) p = 0.f;
       p_w[r * lay.ld_p + col] = from_float<N>(p);
     }
     sum += __shfl_xor_sync(0xffffffffu, sum, 16);
@@ -177,12 +183,26 @@ __global__ void __launch_bounds__(kThreads)
     __syncwarp();
   }
   if (i < dm.L) {
-    const float inv = l > 0.f ? 1.f / l : 0.f;  // fully masked rows give 0
+    // Fully masked rows give 0; with dropout the kept probabilities are scaled by 1 / (1 - p) here.
+    const float inv = l > 0.f ? (drop.on ? drop.keep_scale : 1.f) / l : 0.f;
     for (int d = side * (D / 2); d < (side + 1) * (D / 2); ++d)
       out[(bh * dm.L + i) * D + d] = static_cast<scalar_t>(o_w[r * lay.ld_o + d] * inv);
     if (side == 0) lse[bh * dm.L + i] = l > 0.f ? m + __logf(l) : -INFINITY;
   }
+#else
+  __trap();  // never launched: the host checks the kernel was built for sm_80+ (kernel_built_for_sm80)
 #endif
+}
+
+// Whether `kernel`'s binary on this device was compiled for sm_80 or newer (it has a body).
+template <typename Kernel>
+bool kernel_built_for_sm80(Kernel kernel) {
+  cudaFuncAttributes attr;
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
+    (void)cudaGetLastError();  // clear the sticky error of the query
+    return false;
+  }
+  return attr.binaryVersion >= 80;
 }
 
 }  // namespace wmma_attention
