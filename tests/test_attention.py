@@ -222,6 +222,14 @@ def test_gradcheck(causal, mask, p, device):
     assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
+def test_double_backward_through_reference(device):
+    require_kernel(OP, device)
+    torch.manual_seed(8)
+    q, k, v = (torch.randn(1, 2, n, 8, dtype=torch.float64, device=device, requires_grad=True) for n in (5, 6, 6))
+    fn = lambda q, k, v: tf_sdpa(q, k, v, is_causal=True)
+    assert torch.autograd.gradgradcheck(fn, (q, k, v))
+
+
 def test_opcheck(device):
     require_kernel(OP, device)
     torch.manual_seed(6)

@@ -44,6 +44,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_lse):
     query, key, value, out, lse, attn_mask, rng_seed = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        # create_graph=True (double backward): the kernel's backward is not differentiable, so the
+        # gradient is taken through the reference, which builds a graph of its own.
+        wanted = [t for t, need in zip((query, key, value), ctx.needs_input_grad[:3]) if need]
+        ref_out, _ = ref.flash_attention(query, key, value, attn_mask, ctx.is_causal, ctx.scale, ctx.dropout_p,
+                                         rng_seed)
+        grads = iter(torch.autograd.grad(ref_out, wanted, grad_out, create_graph=True))
+        return (*(next(grads) if need else None for need in ctx.needs_input_grad[:3]), None, None, None, None, None)
     gq, gk, gv = torch.ops.torchfast.flash_attention_backward(
         grad_out.contiguous(), query, key, value, out, lse, attn_mask, ctx.is_causal, ctx.scale, ctx.dropout_p,
         rng_seed)
