@@ -1,0 +1,30 @@
+"""The benchmark tools measure what they say: the attention report and its peak-memory probe."""
+import json
+import sys
+
+import pytest
+
+from torchfast import bench_attention as ba
+from torchfast import cli
+
+
+def test_attention_bench_cli_writes_tables_and_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--suites", "attention", "--rounds", "4", "--attn-lengths", "64",
+                     "--attn-memory-lengths", "64", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| 64 | fwd+bwd | torchfast |" in text and "peak extra MiB" in text
+    report = json.loads(out.read_text())
+    rows = {(r["pass"], r["impl"]): r for r in report["attention"]}
+    assert set(rows) == {(p, i) for p in ("fwd", "fwd+bwd") for i in ba.IMPLS}
+    assert all(r["median_ms"] > 0 and r["GFLOP/s"] > 0 for r in rows.values())
+    assert rows[("fwd", "torch SDPA")]["vs_sdpa"] == pytest.approx(1.0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU memory probe reads /proc")
+def test_flash_memory_grows_linearly_and_eager_quadratically():
+    flash = [ba.peak_memory("torchfast", 2, 2, L, 32) for L in (512, 2048)]
+    eager = [ba.peak_memory("eager", 2, 2, L, 32) for L in (512, 2048)]
+    # x4 in L: outputs and grads grow x4; eager's (L, L) scores grow x16.
+    assert flash[1] < 6 * max(flash[0], 1 << 20)
+    assert eager[1] > 10 * eager[0] and eager[1] > 4 * flash[1]
