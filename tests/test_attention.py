@@ -199,6 +199,26 @@ def test_dropout_reproducible_and_consistent(causal, device):
     assert abs(keep.float().mean().item() - (1 - p)) < 0.01
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("D", [32, 64, 128])
+def test_reduced_precision_masks_dropout_match_reference(D, dtype, device):
+    """fp16/bf16 at the head dims of CUDA's tensor-core forward: masks, causal, fully masked rows and
+    dropout against the fp32 reference with the same seed."""
+    require_kernel(OP, device)
+    torch.manual_seed(9)
+    q, k, v = (torch.randn(2, 3, n, D, device=device).to(dtype) for n in (70, 130, 130))
+    mask = torch.randn(1, 3, 70, 130, device=device)
+    mask[:, :, 5] = float("-inf")  # a fully masked row
+    seed = torch.tensor([424242], dtype=torch.int64)
+    for causal, p in ((False, 0.0), (True, 0.0), (False, 0.2)):
+        out, lse = torch.ops.torchfast.flash_attention(q, k, v, mask, causal, D ** -0.5, p, seed)
+        rout, rlse = ref.flash_attention(q, k, v, mask, causal, D ** -0.5, p, seed)
+        tol = 2e-2 if dtype == torch.float16 else 6e-2
+        torch.testing.assert_close(out.float(), rout.float(), rtol=tol, atol=tol)
+        torch.testing.assert_close(lse, rlse, rtol=1e-3, atol=1e-3)
+        assert out[:, :, 5].abs().max() == 0 and not out.isnan().any()
+
+
 def test_dropout_edges(device):
     q = torch.randn(1, 2, 8, 16, device=device)
     assert tf_sdpa(q, q, q, dropout_p=1.0).abs().max() == 0
