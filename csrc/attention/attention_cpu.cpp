@@ -4,8 +4,10 @@
 // each (query block, key block) product goes through the BLAS GEMM (csrc/common/cpu_gemm.h), and
 // softmax is computed online (running row max and sum), so the extra memory is one score block per
 // thread, never (L, S). The backward recomputes each probability block from the saved logsumexp.
-// All math is in the compute type (fp32, or fp64 for fp64 inputs); fp16/bf16 operands are widened
-// once up front (O(L) memory) and the results narrowed at the end.
+// All math is in the compute type (fp32, or fp64 for fp64 inputs). bf16 inputs stay bf16 as GEMM
+// operands where the BLAS multiplies bf16 (fp32 accumulation; probabilities and score gradients are
+// rounded to bf16 for their products, as flash attention does on GPUs); fp16 (and bf16 without such
+// a BLAS) is widened once up front (O(L) memory). Results are narrowed at the end.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -163,13 +165,39 @@ inline int64_t key_block(int64_t S) { return std::max<int64_t>(std::min<int64_t>
 inline int64_t backward_query_block(int64_t L) { return L >= 768 ? 128 : 64; }
 inline int64_t backward_key_block(int64_t S) { return std::max<int64_t>(std::min<int64_t>(S, 256), 1); }
 
-template <typename T>
-void forward_kernel(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, const Masking<T>& mk, T scale,
+// O is the operand type of the products (the inputs as stored): T itself, or bf16 with fp32 math T,
+// where the BLAS multiplies bf16 natively (AMX on recent x86).
+template <typename O, typename T>
+void gemm_op(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const O* A, int64_t lda, const O* B,
+             int64_t ldb, T beta, T* C, int64_t ldc) {
+  if constexpr (std::is_same_v<O, T>) {
+    gemm_rm<T>(ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+  } else {
+    gemm_rm_bf16(ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+}
+
+// A block in the compute type as an operand: itself, or rounded to bf16 in `buf` (as flash attention
+// does on GPUs: probabilities and score gradients enter the second products in the input precision).
+template <typename O, typename T>
+const O* as_operand(const T* x, int64_t n, std::vector<O>& buf) {
+  if constexpr (std::is_same_v<O, T>) {
+    return x;
+  } else {
+    if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+    at::vec::convert(x, buf.data(), n);
+    return buf.data();
+  }
+}
+
+template <typename O, typename T>
+void forward_kernel(const Rows<O>& q, const Rows<O>& k, const Rows<O>& v, const Masking<T>& mk, T scale,
                     const AttnShape& sh, T* out, T* lse) {
   const int64_t qB = query_block(sh.L), kB = key_block(sh.S);
   const int64_t nq = (sh.L + qB - 1) / qB;
   at::parallel_for(0, sh.B * sh.H * nq, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> scores(qB * kB), probs(qB * kB), acc(qB * sh.Dv), mx(qB), sum(qB), z(mk.dropout ? kB : 0);
+    std::vector<O> probs_op;  // bf16 operands only
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nq, i0 = (task % nq) * qB, m = std::min(qB, sh.L - i0);
       const int64_t b = bh / sh.H, h = bh % sh.H;
@@ -179,8 +207,8 @@ void forward_kernel(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, const 
       const int64_t kv_end = mk.causal ? std::min(sh.S, i0 + m) : sh.S;
       for (int64_t j0 = 0; j0 < kv_end; j0 += kB) {
         const int64_t n = std::min(kB, kv_end - j0);
-        gemm_rm<T>(false, true, m, n, sh.D, scale, q.at(b, h, i0), q.ld, k.at(b, h, j0), k.ld, T(0),
-                   scores.data(), n);
+        gemm_op<O, T>(false, true, m, n, sh.D, scale, q.at(b, h, i0), q.ld, k.at(b, h, j0), k.ld, T(0),
+                      scores.data(), n);
         for (int64_t r = 0; r < m; ++r) {
           const int64_t i = i0 + r;
           T* row = scores.data() + r * n;
@@ -209,8 +237,8 @@ void forward_kernel(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, const 
             at::vec::map2([](Vec<T> a, Vec<T> f) { return a * f; }, prow, prow, z.data(), n);
           }
         }
-        gemm_rm<T>(false, false, m, sh.Dv, n, T(1), probs.data(), n, v.at(b, h, j0), v.ld, T(1), acc.data(),
-                   sh.Dv);
+        gemm_op<O, T>(false, false, m, sh.Dv, n, T(1), as_operand<O>(probs.data(), m * n, probs_op), n,
+                      v.at(b, h, j0), v.ld, T(1), acc.data(), sh.Dv);
       }
       for (int64_t r = 0; r < m; ++r) {
         const int64_t i = i0 + r;
@@ -229,13 +257,23 @@ void forward_kernel(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, const 
 }
 
 // delta_i = sum_d dO[i, d] * O[i, d], the softmax backward's row term.
-template <typename T>
-void row_dots(const Rows<T>& dout, const Rows<T>& out, const AttnShape& sh, T* delta) {
+template <typename O, typename T>
+void row_dots(const Rows<O>& dout, const Rows<O>& out, const AttnShape& sh, T* delta) {
   at::parallel_for(0, sh.B * sh.H * sh.L, 256, [&](int64_t begin, int64_t end) {
+    std::vector<T> xs(std::is_same_v<O, T> ? 0 : sh.Dv), ys(xs.size());
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / sh.L, i = t % sh.L, b = bh / sh.H, h = bh % sh.H;
-      const T* x = dout.at(b, h, i);
-      const T* y = out.at(b, h, i);
+      const T* x;
+      const T* y;
+      if constexpr (std::is_same_v<O, T>) {
+        x = dout.at(b, h, i);
+        y = out.at(b, h, i);
+      } else {
+        at::vec::convert(dout.at(b, h, i), xs.data(), sh.Dv);
+        at::vec::convert(out.at(b, h, i), ys.data(), sh.Dv);
+        x = xs.data();
+        y = ys.data();
+      }
       Vec<T> acc(T(0));
       int64_t d = 0;
       for (; d + Vec<T>::size() <= sh.Dv; d += Vec<T>::size()) acc = at::vec::fmadd(Vec<T>::loadu(x + d), Vec<T>::loadu(y + d), acc);
@@ -249,8 +287,8 @@ void row_dots(const Rows<T>& dout, const Rows<T>& out, const AttnShape& sh, T* d
 // Parallel over (batch*head, slice of key blocks). Each task owns its key blocks' dK and dV; dQ
 // gets contributions from every key block, so when one batch*head is split across tasks each slice
 // accumulates its own dQ copy and the copies are summed at the end (O(threads * L * D) memory).
-template <typename T>
-void backward_kernel(const Rows<T>& dout, const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, const T* lse,
+template <typename O, typename T>
+void backward_kernel(const Rows<O>& dout, const Rows<O>& q, const Rows<O>& k, const Rows<O>& v, const T* lse,
                      const T* delta, const Masking<T>& mk, T scale, const AttnShape& sh, T* gq, T* gk, T* gv) {
   const int64_t qB = backward_query_block(sh.L), kB = backward_key_block(sh.S);
   const int64_t BH = sh.B * sh.H, nk = (sh.S + kB - 1) / kB;
@@ -260,6 +298,7 @@ void backward_kernel(const Rows<T>& dout, const Rows<T>& q, const Rows<T>& k, co
   at::parallel_for(0, BH * slices, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> p(qB * kB), dp(qB * kB), z(mk.dropout ? qB * kB : 0), pd(mk.dropout ? qB * kB : 0);
     std::vector<T> dk(kB * sh.D), dv(kB * sh.Dv);
+    std::vector<O> p_op, ds_op;  // bf16 operands only
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / slices, slice = task % slices, b = bh / sh.H, h = bh % sh.H;
       T* dq = slices == 1 ? gq + bh * sh.L * sh.D : dq_slices.data() + (slice * BH + bh) * sh.L * sh.D;
@@ -270,9 +309,10 @@ void backward_kernel(const Rows<T>& dout, const Rows<T>& q, const Rows<T>& k, co
         const int64_t i_first = mk.causal ? (j0 / qB) * qB : 0;  // earlier queries see none of these keys
         for (int64_t i0 = i_first; i0 < sh.L; i0 += qB) {
           const int64_t m = std::min(qB, sh.L - i0);
-          const T* dO = dout.at(b, h, i0);
-          gemm_rm<T>(false, true, m, n, sh.D, scale, q.at(b, h, i0), q.ld, k.at(b, h, j0), k.ld, T(0), p.data(), n);
-          gemm_rm<T>(false, true, m, n, sh.Dv, T(1), dO, dout.ld, v.at(b, h, j0), v.ld, T(0), dp.data(), n);
+          const O* dO = dout.at(b, h, i0);
+          gemm_op<O, T>(false, true, m, n, sh.D, scale, q.at(b, h, i0), q.ld, k.at(b, h, j0), k.ld, T(0), p.data(),
+                        n);
+          gemm_op<O, T>(false, true, m, n, sh.Dv, T(1), dO, dout.ld, v.at(b, h, j0), v.ld, T(0), dp.data(), n);
           // One pass per row while it is hot: P = exp(S - lse), dS = P * (dP * z - delta) into dp,
           // and with dropout the kept probabilities P * z (what multiplied V) into pd.
           for (int64_t r = 0; r < m; ++r) {
@@ -308,10 +348,11 @@ void backward_kernel(const Rows<T>& dout, const Rows<T>& q, const Rows<T>& k, co
                             zrow, n);
             }
           }
-          gemm_rm<T>(true, false, n, sh.Dv, m, T(1), mk.dropout ? pd.data() : p.data(), n, dO, dout.ld, T(1),
-                     dv.data(), sh.Dv);
-          gemm_rm<T>(false, false, m, sh.D, n, scale, dp.data(), n, k.at(b, h, j0), k.ld, T(1), dq + i0 * sh.D, sh.D);
-          gemm_rm<T>(true, false, n, sh.D, m, scale, dp.data(), n, q.at(b, h, i0), q.ld, T(1), dk.data(), sh.D);
+          gemm_op<O, T>(true, false, n, sh.Dv, m, T(1), as_operand<O>(mk.dropout ? pd.data() : p.data(), m * n, p_op),
+                        n, dO, dout.ld, T(1), dv.data(), sh.Dv);
+          const O* ds = as_operand<O>(dp.data(), m * n, ds_op);
+          gemm_op<O, T>(false, false, m, sh.D, n, scale, ds, n, k.at(b, h, j0), k.ld, T(1), dq + i0 * sh.D, sh.D);
+          gemm_op<O, T>(true, false, n, sh.D, m, scale, ds, n, q.at(b, h, i0), q.ld, T(1), dk.data(), sh.D);
         }
         std::copy(dk.begin(), dk.begin() + n * sh.D, gk + (bh * sh.S + j0) * sh.D);
         std::copy(dv.begin(), dv.begin() + n * sh.Dv, gv + (bh * sh.S + j0) * sh.Dv);
@@ -329,6 +370,38 @@ void backward_kernel(const Rows<T>& dout, const Rows<T>& q, const Rows<T>& k, co
   }
 }
 
+// The operand type O (see gemm_op) the kernels take this input dtype in.
+at::ScalarType operand_dtype(at::ScalarType dtype) {
+  if (dtype == at::kDouble) return at::kDouble;
+  return dtype == at::kBFloat16 && bf16_gemm_available() ? at::kBFloat16 : at::kFloat;
+}
+
+template <typename O, typename T>
+void run_forward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& mask,
+                 bool is_causal, double scale, double dropout_p, uint64_t seed, const AttnShape& sh, at::Tensor& out,
+                 at::Tensor& lse) {
+  const auto od = c10::CppTypeToScalarType<O>::value;
+  const at::Tensor q = attention_operand(query, od), k = attention_operand(key, od), v = attention_operand(value, od);
+  forward_kernel<O, T>(rows_of<O>(q), rows_of<O>(k), rows_of<O>(v), make_masking<T>(mask, is_causal, dropout_p, seed),
+                       static_cast<T>(scale), sh, out.mutable_data_ptr<T>(), lse.mutable_data_ptr<T>());
+}
+
+template <typename O, typename T>
+void run_backward(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                  const at::Tensor& out, const at::Tensor& lse, const at::Tensor& mask, bool is_causal, double scale,
+                  double dropout_p, uint64_t seed, const AttnShape& sh, at::Tensor& gq, at::Tensor& gk,
+                  at::Tensor& gv) {
+  const auto od = c10::CppTypeToScalarType<O>::value;
+  const at::Tensor q = attention_operand(query, od), k = attention_operand(key, od), v = attention_operand(value, od);
+  const at::Tensor dout = attention_operand(grad_out, od), o = attention_operand(out, od);
+  at::Tensor delta = at::empty({sh.B, sh.H, sh.L}, lse.options());
+  row_dots<O, T>(rows_of<O>(dout), rows_of<O>(o), sh, delta.mutable_data_ptr<T>());
+  backward_kernel<O, T>(rows_of<O>(dout), rows_of<O>(q), rows_of<O>(k), rows_of<O>(v), lse.const_data_ptr<T>(),
+                        delta.const_data_ptr<T>(), make_masking<T>(mask, is_causal, dropout_p, seed),
+                        static_cast<T>(scale), sh, gq.mutable_data_ptr<T>(), gk.mutable_data_ptr<T>(),
+                        gv.mutable_data_ptr<T>());
+}
+
 std::tuple<at::Tensor, at::Tensor> flash_attention_cpu(const at::Tensor& query, const at::Tensor& key,
                                                        const at::Tensor& value,
                                                        const std::optional<at::Tensor>& attn_mask, bool is_causal,
@@ -337,18 +410,22 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_cpu(const at::Tensor& query, 
   const AttnShape sh =
       check_attention_args("torchfast.flash_attention", query, key, value, attn_mask, scale, dropout_p, rng_seed);
   const auto ct = attention_compute_type(query);
-  const at::Tensor q = attention_operand(query, ct), k = attention_operand(key, ct), v = attention_operand(value, ct);
   const at::Tensor mask = attention_mask_operand(attn_mask, sh, ct);
   const auto opts = query.options().dtype(ct);
   at::Tensor out = at::empty({sh.B, sh.H, sh.L, sh.Dv}, opts);
   at::Tensor lse = at::empty({sh.B, sh.H, sh.L}, opts);
   const uint64_t seed = attention_seed(dropout_p, rng_seed);
   if (out.numel() > 0 || lse.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES(ct, "flash_attention_cpu", [&] {
-      forward_kernel<scalar_t>(rows_of<scalar_t>(q), rows_of<scalar_t>(k), rows_of<scalar_t>(v),
-                               make_masking<scalar_t>(mask, is_causal, dropout_p, seed), static_cast<scalar_t>(scale),
-                               sh, out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<scalar_t>());
-    });
+    switch (operand_dtype(query.scalar_type())) {
+      case at::kDouble:
+        run_forward<double, double>(query, key, value, mask, is_causal, scale, dropout_p, seed, sh, out, lse);
+        break;
+      case at::kBFloat16:
+        run_forward<at::BFloat16, float>(query, key, value, mask, is_causal, scale, dropout_p, seed, sh, out, lse);
+        break;
+      default:
+        run_forward<float, float>(query, key, value, mask, is_causal, scale, dropout_p, seed, sh, out, lse);
+    }
   }
   return {out.scalar_type() == query.scalar_type() ? out : out.to(query.scalar_type()), lse};
 }
@@ -360,8 +437,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
   const AttnShape sh = check_attention_backward_args(grad_out, query, key, value, out, logsumexp, attn_mask, scale,
                                                     dropout_p, rng_seed);
   const auto ct = attention_compute_type(query);
-  const at::Tensor q = attention_operand(query, ct), k = attention_operand(key, ct), v = attention_operand(value, ct);
-  const at::Tensor dout = attention_operand(grad_out, ct), o = attention_operand(out, ct);
   const at::Tensor lse = logsumexp.to(ct).contiguous();
   const at::Tensor mask = attention_mask_operand(attn_mask, sh, ct);
   const auto opts = query.options().dtype(ct);
@@ -374,16 +449,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
       gk.zero_();
       gv.zero_();
     } else {
-      AT_DISPATCH_FLOATING_TYPES(ct, "flash_attention_backward_cpu", [&] {
-        at::Tensor delta = at::empty({sh.B, sh.H, sh.L}, opts);
-        row_dots<scalar_t>(rows_of<scalar_t>(dout), rows_of<scalar_t>(o), sh, delta.mutable_data_ptr<scalar_t>());
-        backward_kernel<scalar_t>(rows_of<scalar_t>(dout), rows_of<scalar_t>(q), rows_of<scalar_t>(k),
-                                  rows_of<scalar_t>(v), lse.const_data_ptr<scalar_t>(),
-                                  delta.const_data_ptr<scalar_t>(),
-                                  make_masking<scalar_t>(mask, is_causal, dropout_p, seed),
-                                  static_cast<scalar_t>(scale), sh, gq.mutable_data_ptr<scalar_t>(),
-                                  gk.mutable_data_ptr<scalar_t>(), gv.mutable_data_ptr<scalar_t>());
-      });
+      switch (operand_dtype(query.scalar_type())) {
+        case at::kDouble:
+          run_backward<double, double>(grad_out, query, key, value, out, lse, mask, is_causal, scale, dropout_p, seed,
+                                       sh, gq, gk, gv);
+          break;
+        case at::kBFloat16:
+          run_backward<at::BFloat16, float>(grad_out, query, key, value, out, lse, mask, is_causal, scale, dropout_p,
+                                            seed, sh, gq, gk, gv);
+          break;
+        default:
+          run_backward<float, float>(grad_out, query, key, value, out, lse, mask, is_causal, scale, dropout_p, seed,
+                                     sh, gq, gk, gv);
+      }
     }
   }
   const auto dt = query.scalar_type();

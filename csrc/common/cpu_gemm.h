@@ -6,6 +6,7 @@
 // Called from inside at::parallel_for, the BLAS runs single-threaded (as in ATen's own kernels).
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <type_traits>
 
 extern "C" {
@@ -15,6 +16,10 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc) __attribute__((weak));
+// MKL's bf16 x bf16 -> fp32 GEMM (AMX / AVX512-BF16 where the CPU has them); enums as their ints.
+void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                            const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta, float* c,
+                            int ldc) __attribute__((weak));
 }
 
 namespace torchfast {
@@ -59,6 +64,34 @@ void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T
     }
   }
   portable_gemm(ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+// Whether gemm_rm_bf16 runs on the BLAS (else it widens the operands to fp32 first).
+inline bool bf16_gemm_available() { return cblas_gemm_bf16bf16f32 != nullptr; }
+
+// gemm_rm with bf16 operands and an fp32 C (fp32 accumulation). B16 is a 2-byte bfloat16 type
+// (c10::BFloat16) whose bits MKL reads as they are.
+template <typename B16>
+void gemm_rm_bf16(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const B16* A, int64_t lda,
+                  const B16* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  static_assert(sizeof(B16) == 2, "bfloat16 operands");
+  if (m == 0 || n == 0) return;
+  if (cblas_gemm_bf16bf16f32 != nullptr && k > 0) {
+    constexpr int kColMajor = 102, kNoTrans = 111, kTrans = 112;
+    cblas_gemm_bf16bf16f32(kColMajor, tb ? kTrans : kNoTrans, ta ? kTrans : kNoTrans, int(n), int(m), int(k), alpha,
+                           reinterpret_cast<const uint16_t*>(B), int(ldb < 1 ? 1 : ldb),
+                           reinterpret_cast<const uint16_t*>(A), int(lda < 1 ? 1 : lda), beta, C,
+                           int(ldc < 1 ? 1 : ldc));
+    return;
+  }
+  // Without it: widen the two operands (as stored) and run the fp32 GEMM.
+  const int64_t a_rows = ta ? k : m, a_cols = ta ? m : k, b_rows = tb ? n : k, b_cols = tb ? k : n;
+  std::unique_ptr<float[]> a(new float[a_rows * a_cols]), b(new float[b_rows * b_cols]);
+  for (int64_t r = 0; r < a_rows; ++r)
+    for (int64_t c = 0; c < a_cols; ++c) a[r * a_cols + c] = static_cast<float>(A[r * lda + c]);
+  for (int64_t r = 0; r < b_rows; ++r)
+    for (int64_t c = 0; c < b_cols; ++c) b[r * b_cols + c] = static_cast<float>(B[r * ldb + c]);
+  gemm_rm<float>(ta, tb, m, n, k, alpha, a.get(), a_cols, b.get(), b_cols, beta, C, ldc);
 }
 
 }  // namespace torchfast
