@@ -196,14 +196,41 @@ void forward_kernel(const Rows<O>& q, const Rows<O>& k, const Rows<O>& v, const 
   const int64_t qB = query_block(sh.L), kB = key_block(sh.S);
   const int64_t nq = (sh.L + qB - 1) / qB;
   at::parallel_for(0, sh.B * sh.H * nq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scores(qB * kB), probs(qB * kB), acc(qB * sh.Dv), mx(qB), sum(qB), z(mk.dropout ? kB : 0);
-    std::vector<O> probs_op;  // bf16 operands only
+    constexpr bool kNarrow = !std::is_same_v<O, T>;  // bf16 operands
+    std::vector<T> scores(qB * kB), probs(kNarrow ? 0 : qB * kB), row_buf(kNarrow ? kB : 0);
+    std::vector<T> acc(qB * sh.Dv), mx(qB), sum(qB), z(mk.dropout ? kB : 0);
+    std::vector<O> probs_op(kNarrow ? qB * kB : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nq, i0 = (task % nq) * qB, m = std::min(qB, sh.L - i0);
       const int64_t b = bh / sh.H, h = bh % sh.H;
       std::fill(acc.begin(), acc.begin() + m * sh.Dv, T(0));
       std::fill(mx.begin(), mx.end(), neg_inf<T>());
       std::fill(sum.begin(), sum.end(), T(0));
+      // The row's probabilities against the block's keys into prow, with the online max/sum update.
+      auto row_probabilities = [&](int64_t r, int64_t i, const T* row, T* prow, int64_t n, int64_t j0) {
+        // Lazy rescaling: once a row has a max, exponentiate against it in the same pass that finds
+        // this block's max, and only redo the row (rare) when the block's max exceeds it by more
+        // than kMaxSlack -- the probabilities then stay below e^kMaxSlack, far from overflow.
+        T block_max = neg_inf<T>(), block_sum = T(0);
+        if (mx[r] != neg_inf<T>()) block_sum = exp_shifted_sum_max(row, prow, n, mx[r], &block_max);
+        if (mx[r] == neg_inf<T>() || block_max > mx[r] + kMaxSlack) {
+          const T new_max = std::max(mx[r], mx[r] == neg_inf<T>() ? row_max(row, n) : block_max);
+          if (new_max == neg_inf<T>()) {  // every key so far is masked
+            std::fill(prow, prow + n, T(0));
+            return;
+          }
+          const T correction = std::exp(mx[r] - new_max);
+          block_sum = exp_shifted_sum_max(row, prow, n, new_max, &block_max);
+          if (correction != T(1)) scale_row(acc.data() + r * sh.Dv, sh.Dv, correction);
+          sum[r] *= correction;
+          mx[r] = new_max;
+        }
+        sum[r] += block_sum;
+        if (mk.dropout) {  // the normaliser keeps every probability; the output only the kept ones
+          mk.factors(z.data(), bh, i, j0, n);
+          at::vec::map2([](Vec<T> a, Vec<T> f) { return a * f; }, prow, prow, z.data(), n);
+        }
+      };
       const int64_t kv_end = mk.causal ? std::min(sh.S, i0 + m) : sh.S;
       for (int64_t j0 = 0; j0 < kv_end; j0 += kB) {
         const int64_t n = std::min(kB, kv_end - j0);
@@ -213,32 +240,19 @@ void forward_kernel(const Rows<O>& q, const Rows<O>& k, const Rows<O>& v, const 
           const int64_t i = i0 + r;
           T* row = scores.data() + r * n;
           mk.apply(row, b, h, i, j0, n);
-          T* prow = probs.data() + r * n;
-          // Lazy rescaling: once a row has a max, exponentiate against it in the same pass that finds
-          // this block's max, and only redo the row (rare) when the block's max exceeds it by more
-          // than kMaxSlack -- the probabilities then stay below e^kMaxSlack, far from overflow.
-          T block_max = neg_inf<T>(), block_sum = T(0);
-          if (mx[r] != neg_inf<T>()) block_sum = exp_shifted_sum_max(row, prow, n, mx[r], &block_max);
-          if (mx[r] == neg_inf<T>() || block_max > mx[r] + kMaxSlack) {
-            const T new_max = std::max(mx[r], mx[r] == neg_inf<T>() ? row_max(row, n) : block_max);
-            if (new_max == neg_inf<T>()) {  // every key so far is masked
-              std::fill(prow, prow + n, T(0));
-              continue;
-            }
-            const T correction = std::exp(mx[r] - new_max);
-            block_sum = exp_shifted_sum_max(row, prow, n, new_max, &block_max);
-            if (correction != T(1)) scale_row(acc.data() + r * sh.Dv, sh.Dv, correction);
-            sum[r] *= correction;
-            mx[r] = new_max;
-          }
-          sum[r] += block_sum;
-          if (mk.dropout) {  // the normaliser keeps every probability; the output only the kept ones
-            mk.factors(z.data(), bh, i, j0, n);
-            at::vec::map2([](Vec<T> a, Vec<T> f) { return a * f; }, prow, prow, z.data(), n);
-          }
+          // bf16 operands: the row's probabilities go through a one-row fp32 buffer (still in L1)
+          // straight into the bf16 block the product reads.
+          T* prow = kNarrow ? row_buf.data() : probs.data() + r * n;
+          row_probabilities(r, i, row, prow, n, j0);
+          if constexpr (kNarrow) at::vec::convert(prow, probs_op.data() + r * n, n);
         }
-        gemm_op<O, T>(false, false, m, sh.Dv, n, T(1), as_operand<O>(probs.data(), m * n, probs_op), n,
-                      v.at(b, h, j0), v.ld, T(1), acc.data(), sh.Dv);
+        if constexpr (kNarrow) {
+          gemm_op<O, T>(false, false, m, sh.Dv, n, T(1), probs_op.data(), n, v.at(b, h, j0), v.ld, T(1), acc.data(),
+                        sh.Dv);
+        } else {
+          gemm_op<O, T>(false, false, m, sh.Dv, n, T(1), probs.data(), n, v.at(b, h, j0), v.ld, T(1), acc.data(),
+                        sh.Dv);
+        }
       }
       for (int64_t r = 0; r < m; ++r) {
         const int64_t i = i0 + r;
