@@ -315,3 +315,21 @@ def test_conv_bn_inference_without_relu_and_strided(layout, device):
         y = ours(x)
         torch.testing.assert_close(y, theirs(x), rtol=1e-5, atol=1e-5)
         assert y.stride() == theirs(x).stride() and (y < 0).any()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_backward_with_broadcast_grad(layout, device):
+    """out.sum() / out.mean() hand back one value broadcast everywhere (stride 0)."""
+    torch.manual_seed(3)
+    x = make_input((4, 6, 5, 7), layout, torch.float32, device)
+    for reduce in (torch.sum, torch.mean):
+        ours = torchfast.nn.BatchNormAddReLU2d(6).to(device)
+        theirs = nn.BatchNorm2d(6).to(device)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ra, rb = (torch.randn_like(x).requires_grad_() for _ in range(2))
+        rb.data.copy_(ra.data)
+        reduce(ours(xa, ra)).backward()
+        reduce(torch.relu(theirs(xb) + rb)).backward()
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ra.grad, rb.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-5, atol=1e-5)

@@ -49,6 +49,16 @@ inline std::optional<at::Tensor> bn_channel_tensor(const std::optional<at::Tenso
 // `t` (same shape as x) with x's dtype and strides: itself when it already has them.
 inline at::Tensor bn_like_input(const at::Tensor& t, const at::Tensor& x) {
   if (t.scalar_type() == x.scalar_type() && t.strides() == x.strides()) return t;
+  // One value broadcast everywhere (the grad of out.sum() or out.mean()): a fill writes it at memory
+  // speed, where copying from a stride-0 tensor takes the slow element-wise path.
+  bool broadcast_scalar = t.numel() > 0;
+  for (const int64_t st : t.strides()) broadcast_scalar = broadcast_scalar && st == 0;
+  if (broadcast_scalar) {
+    const at::Tensor value = t.as_strided({}, {}, t.storage_offset());
+    // On the CPU, fill with the number (a tensor value takes the broadcast-copy path again);
+    // on CUDA keep it a device tensor (no host sync).
+    return x.is_cpu() ? at::empty_like(x).fill_(value.item()) : at::empty_like(x).fill_(value);
+  }
   return at::empty_like(x).copy_(t);
 }
 
