@@ -12,6 +12,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+import torchfast
+
 from torchfast.bench import _interleaved_medians
 from torchfast.nn.functional import scaled_dot_product_attention as tf_sdpa
 
@@ -115,6 +117,8 @@ def _proc_status_kib(field: str) -> int:
 def _peak_cpu_child(impl, B, H, L, D) -> None:
     """Runs in a fresh process: prints how far one forward+backward raises the resident set above
     where it started (Linux: the peak is reset through /proc/self/clear_refs just before)."""
+    if impl == "torchfast" and not torchfast.info()["kernels_loaded"]:
+        raise RuntimeError(f"torchfast kernels not loaded in the measuring process: {torchfast.info()['status']}")
     q, k, v = make_qkv(B, H, L, D)
     run = step(impl, q, k, v, backward=True)
     step(impl, *make_qkv(1, 1, 8, D), backward=True)()  # load the kernels outside the measurement
@@ -134,7 +138,10 @@ def peak_memory(impl, B, H, L, D, device="cpu", dtype=torch.float32) -> int:
     code = (f"from torchfast.bench_attention import _peak_cpu_child; "
             f"_peak_cpu_child({impl!r}, {B}, {H}, {L}, {D})")
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    # Run where this torchfast lives, so the child imports the same build (not a source tree in the cwd).
+    home = os.path.dirname(os.path.dirname(os.path.abspath(torchfast.__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                         cwd=home).stdout
     return json.loads(out.strip().splitlines()[-1])["bytes"]
 
 
