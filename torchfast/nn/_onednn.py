@@ -3,7 +3,8 @@
 torch links oneDNN and registers its fused convolution (`torch.ops.mkldnn._convolution_pointwise`,
 what inductor's CPU backend lowers conv + ReLU and conv + add + ReLU to): the ReLU, and the residual
 add, run as post-ops while the output tile is still in cache, instead of as extra passes over memory.
-Used only on CPU fp32 tensors where torch has that op; callers fall back to F.conv2d otherwise.
+Used only on CPU fp32 tensors where torch has that op, and not while a model is being exported;
+callers fall back to F.conv2d otherwise.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from torchfast.ops._registry import exporting
 
 
 def _available() -> bool:
@@ -24,7 +27,7 @@ AVAILABLE = _available()
 
 
 def usable(x: Tensor, weight: Tensor, padding) -> bool:
-    return (AVAILABLE and x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.float32
+    return (AVAILABLE and not exporting() and x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.float32
             and weight.dtype == torch.float32 and not isinstance(padding, str))
 
 

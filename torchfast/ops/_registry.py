@@ -20,6 +20,18 @@ def eager_entry(name: str):
     return getattr(module, name, None) if module is not None else None
 
 
+def exporting() -> bool:
+    """Whether torch.onnx.export or torch.export is tracing: the ops then lower to their plain-PyTorch
+    references, which every exporter and runtime understands (no custom-op translation needed)."""
+    try:
+        if torch.onnx.is_in_onnx_export():
+            return True
+    except (AttributeError, RuntimeError):
+        pass
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting()) if is_exporting is not None else False
+
+
 def use_eager_entry() -> bool:
     return not torch.compiler.is_compiling() and not torch._C._is_torch_function_mode_enabled()
 
