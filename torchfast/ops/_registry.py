@@ -1,6 +1,8 @@
 """Helpers shared by the op families' Python faces."""
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from torchfast import _loader
@@ -23,11 +25,9 @@ def eager_entry(name: str):
 def exporting() -> bool:
     """Whether torch.onnx.export or torch.export is tracing: the ops then lower to their plain-PyTorch
     references, which every exporter and runtime understands (no custom-op translation needed)."""
-    try:
-        if torch.onnx.is_in_onnx_export():
-            return True
-    except (AttributeError, RuntimeError):
-        pass
+    onnx = sys.modules.get("torch.onnx")  # not imported: not exporting (and no import cost per call)
+    if onnx is not None and getattr(onnx, "is_in_onnx_export", lambda: False)():
+        return True
     is_exporting = getattr(torch.compiler, "is_exporting", None)
     return bool(is_exporting()) if is_exporting is not None else False
 
