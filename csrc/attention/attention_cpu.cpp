@@ -56,35 +56,10 @@ T row_max(const T* x, int64_t n) {
   return r;
 }
 
-// x = exp(x - shift) in place; returns the sum. exp(-inf) is 0 (masked entries).
-template <typename T, bool kSum = true>
-T exp_shifted_sum(T* x, int64_t n, T shift) {
-  constexpr int64_t V = Vec<T>::size();
-  const Vec<T> vshift(shift);
-  Vec<T> s0(T(0)), s1(T(0));
-  int64_t j = 0;
-  for (; j + 2 * V <= n; j += 2 * V) {
-    const Vec<T> e0 = (Vec<T>::loadu(x + j) - vshift).exp_u20();
-    const Vec<T> e1 = (Vec<T>::loadu(x + j + V) - vshift).exp_u20();
-    e0.store(x + j);
-    e1.store(x + j + V);
-    if constexpr (kSum) {
-      s0 = s0 + e0;
-      s1 = s1 + e1;
-    }
-  }
-  for (; j + V <= n; j += V) {
-    const Vec<T> e = (Vec<T>::loadu(x + j) - vshift).exp_u20();
-    e.store(x + j);
-    if constexpr (kSum) s0 = s0 + e;
-  }
-  T sum = kSum ? at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, s0 + s1) : T(0);
-  for (; j < n; ++j) {
-    const T e = std::exp(x[j] - shift);
-    x[j] = e;
-    sum += e;
-  }
-  return sum;
+// x = exp(x - shift) in place; exp(-inf) is 0 (masked entries).
+template <typename T>
+void exp_shifted(T* x, int64_t n, T shift) {
+  at::vec::map([shift](Vec<T> v) { return (v - Vec<T>(shift)).exp_u20(); }, x, x, n);
 }
 
 // dst = exp(x - shift); returns the sum, and the max of x through *xmax.
@@ -356,7 +331,7 @@ void backward_kernel(const Rows<O>& dout, const Rows<O>& q, const Rows<O>& k, co
             } else {
               T* zrow = z.data() + r * n;
               mk.factors(zrow, bh, i, j0, n);
-              exp_shifted_sum<T, false>(prow, n, l);
+              exp_shifted(prow, n, l);
               at::vec::map2([](Vec<T> a, Vec<T> f) { return a * f; }, pd.data() + r * n, prow, zrow, n);
               at::vec::map3([dl](Vec<T> pp, Vec<T> g, Vec<T> f) { return pp * (g * f - dl); }, dsrow, prow, dsrow,
                             zrow, n);

@@ -6,7 +6,6 @@
 // Called from inside at::parallel_for, the BLAS runs single-threaded (as in ATen's own kernels).
 #pragma once
 #include <cstdint>
-#include <memory>
 #include <type_traits>
 
 extern "C" {
@@ -66,32 +65,26 @@ void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T
   portable_gemm(ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
-// Whether gemm_rm_bf16 runs on the BLAS (else it widens the operands to fp32 first).
+// Whether the BLAS multiplies bf16 (callers check before using gemm_rm_bf16).
 inline bool bf16_gemm_available() { return cblas_gemm_bf16bf16f32 != nullptr; }
 
 // gemm_rm with bf16 operands and an fp32 C (fp32 accumulation). B16 is a 2-byte bfloat16 type
-// (c10::BFloat16) whose bits MKL reads as they are.
+// (c10::BFloat16) whose bits MKL reads as they are. Only call when bf16_gemm_available().
 template <typename B16>
 void gemm_rm_bf16(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const B16* A, int64_t lda,
                   const B16* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   static_assert(sizeof(B16) == 2, "bfloat16 operands");
-  if (m == 0 || n == 0) return;
-  if (cblas_gemm_bf16bf16f32 != nullptr && k > 0) {
-    constexpr int kColMajor = 102, kNoTrans = 111, kTrans = 112;
-    cblas_gemm_bf16bf16f32(kColMajor, tb ? kTrans : kNoTrans, ta ? kTrans : kNoTrans, int(n), int(m), int(k), alpha,
-                           reinterpret_cast<const uint16_t*>(B), int(ldb < 1 ? 1 : ldb),
-                           reinterpret_cast<const uint16_t*>(A), int(lda < 1 ? 1 : lda), beta, C,
-                           int(ldc < 1 ? 1 : ldc));
+  if (m == 0 || n == 0 || k == 0) {
+    if (m > 0 && n > 0 && beta != 1.f)
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < n; ++j) C[i * ldc + j] = beta == 0.f ? 0.f : beta * C[i * ldc + j];
     return;
   }
-  // Without it: widen the two operands (as stored) and run the fp32 GEMM.
-  const int64_t a_rows = ta ? k : m, a_cols = ta ? m : k, b_rows = tb ? n : k, b_cols = tb ? k : n;
-  std::unique_ptr<float[]> a(new float[a_rows * a_cols]), b(new float[b_rows * b_cols]);
-  for (int64_t r = 0; r < a_rows; ++r)
-    for (int64_t c = 0; c < a_cols; ++c) a[r * a_cols + c] = static_cast<float>(A[r * lda + c]);
-  for (int64_t r = 0; r < b_rows; ++r)
-    for (int64_t c = 0; c < b_cols; ++c) b[r * b_cols + c] = static_cast<float>(B[r * ldb + c]);
-  gemm_rm<float>(ta, tb, m, n, k, alpha, a.get(), a_cols, b.get(), b_cols, beta, C, ldc);
+  constexpr int kColMajor = 102, kNoTrans = 111, kTrans = 112;
+  cblas_gemm_bf16bf16f32(kColMajor, tb ? kTrans : kNoTrans, ta ? kTrans : kNoTrans, int(n), int(m), int(k), alpha,
+                         reinterpret_cast<const uint16_t*>(B), int(ldb < 1 ? 1 : ldb),
+                         reinterpret_cast<const uint16_t*>(A), int(lda < 1 ? 1 : lda), beta, C,
+                         int(ldc < 1 ? 1 : ldc));
 }
 
 }  // namespace torchfast

@@ -7,20 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchfast.nn.functional import scaled_dot_product_attention
+from torchfast.nn.functional import additive_mask, scaled_dot_product_attention
 
 __all__ = ["MultiheadAttention"]
-
-
-def _as_additive(mask: Optional[Tensor], name: str, dtype: torch.dtype) -> Optional[Tensor]:
-    """nn.MultiheadAttention's mask convention: bool True = masked out, float = added to the scores."""
-    if mask is None:
-        return None
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
-    if not torch.is_floating_point(mask):
-        raise TypeError(f"MultiheadAttention: {name} must be bool or floating point, got {mask.dtype}")
-    return mask
 
 
 class MultiheadAttention(nn.MultiheadAttention):
@@ -106,8 +95,9 @@ class MultiheadAttention(nn.MultiheadAttention):
         L, N, E = query.shape
         S, H = key.size(0), self.num_heads
         hd = E // H
-        kpm = _as_additive(key_padding_mask, "key_padding_mask", query.dtype)
-        mask = _as_additive(attn_mask, "attn_mask", query.dtype)
+        # nn.MultiheadAttention's convention: bool True = masked out, float = added to the scores.
+        kpm = additive_mask(key_padding_mask, query.dtype, true_attends=False, name="key_padding_mask")
+        mask = additive_mask(attn_mask, query.dtype, true_attends=False)
         if is_causal and mask is None:
             raise RuntimeError("MultiheadAttention: is_causal is a hint that attn_mask is the causal mask; "
                                "pass that mask too (as nn.MultiheadAttention requires)")

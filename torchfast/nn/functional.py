@@ -39,12 +39,18 @@ def batch_norm_add_relu(input: Tensor, running_mean: Optional[Tensor], running_v
     return out
 
 
-def _additive_mask(attn_mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    """A boolean mask (True = attend) as 0/-inf in `dtype`; a float mask as it is."""
-    if attn_mask is None or attn_mask.dtype != torch.bool:
-        return attn_mask
-    return torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill(
-        ~attn_mask, float("-inf"))
+def additive_mask(mask: Optional[Tensor], dtype: torch.dtype, true_attends: bool = True,
+                  name: str = "attn_mask") -> Optional[Tensor]:
+    """A boolean mask as 0/-inf in `dtype` (True = attend, as scaled_dot_product_attention; with
+    true_attends=False, True = masked out, as nn.MultiheadAttention); a float mask as it is."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        blocked = ~mask if true_attends else mask
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(blocked, float("-inf"))
+    if not torch.is_floating_point(mask):
+        raise TypeError(f"{name} must be bool or floating point, got {mask.dtype}")
+    return mask
 
 
 def _draw_dropout_seed() -> Tensor:
@@ -86,7 +92,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         raise ValueError(f"{name}: batch dims differ: query {tuple(query.shape)}, key {tuple(key.shape)}, "
                          f"value {tuple(value.shape)}")
     L, S = query.size(-2), key.size(-2)
-    mask = _additive_mask(attn_mask, query.dtype)
+    mask = additive_mask(attn_mask, query.dtype)
     if mask is not None:
         try:
             torch.broadcast_shapes(mask.shape, (*lead, L, S))
