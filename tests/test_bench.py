@@ -25,6 +25,8 @@ def test_attention_bench_cli_writes_tables_and_json(tmp_path, capsys):
 def test_flash_memory_grows_linearly_and_eager_quadratically():
     flash = [ba.peak_memory("torchfast", 2, 2, L, 32) for L in (512, 2048)]
     eager = [ba.peak_memory("eager", 2, 2, L, 32) for L in (512, 2048)]
-    # x4 in L: outputs and grads grow x4; eager's (L, L) scores grow x16.
-    assert flash[1] < 6 * max(flash[0], 1 << 20)
+    # x4 in L: outputs and grads grow x4 (4 MiB at L=2048); eager's (L, L) scores grow x16 (one
+    # score tensor alone is 64 MiB at L=2048). The floor keeps an RSS reading near 0 at L=512 from
+    # making the bound tighter than the linear growth it checks.
+    assert flash[1] < 6 * max(flash[0], 4 << 20)
     assert eager[1] > 10 * eager[0] and eager[1] > 4 * flash[1]
