@@ -23,6 +23,7 @@
 
 #include "attention/attention_checks.h"
 #include "attention/attention_math.h"
+#include "common/cpu_brgemm.h"
 #include "common/cpu_gemm.h"
 
 namespace torchfast {
@@ -36,23 +37,24 @@ constexpr T neg_inf() {
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
-// Four independent accumulators keep the vector units busy; clamp_min is a plain max (a NaN score
-// still reaches the output through exp and the sum).
+// max_j(x[j] * xs). Four independent accumulators keep the vector units busy; clamp_min is a plain
+// max (a NaN score still reaches the output through exp and the sum).
 template <typename T>
-T row_max(const T* x, int64_t n) {
+T row_max(const T* x, int64_t n, T xs) {
   constexpr int64_t V = Vec<T>::size();
+  const Vec<T> vs(xs);
   Vec<T> m0(neg_inf<T>()), m1(neg_inf<T>()), m2(neg_inf<T>()), m3(neg_inf<T>());
   int64_t j = 0;
   for (; j + 4 * V <= n; j += 4 * V) {
-    m0 = at::vec::clamp_min(Vec<T>::loadu(x + j), m0);
-    m1 = at::vec::clamp_min(Vec<T>::loadu(x + j + V), m1);
-    m2 = at::vec::clamp_min(Vec<T>::loadu(x + j + 2 * V), m2);
-    m3 = at::vec::clamp_min(Vec<T>::loadu(x + j + 3 * V), m3);
+    m0 = at::vec::clamp_min(Vec<T>::loadu(x + j) * vs, m0);
+    m1 = at::vec::clamp_min(Vec<T>::loadu(x + j + V) * vs, m1);
+    m2 = at::vec::clamp_min(Vec<T>::loadu(x + j + 2 * V) * vs, m2);
+    m3 = at::vec::clamp_min(Vec<T>::loadu(x + j + 3 * V) * vs, m3);
   }
-  for (; j + V <= n; j += V) m0 = at::vec::clamp_min(Vec<T>::loadu(x + j), m0);
+  for (; j + V <= n; j += V) m0 = at::vec::clamp_min(Vec<T>::loadu(x + j) * vs, m0);
   m0 = at::vec::clamp_min(at::vec::clamp_min(m0, m1), at::vec::clamp_min(m2, m3));
   T r = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return at::vec::clamp_min(a, b); }, m0);
-  for (; j < n; ++j) r = x[j] > r ? x[j] : r;
+  for (; j < n; ++j) r = x[j] * xs > r ? x[j] * xs : r;
   return r;
 }
 
@@ -62,25 +64,39 @@ void exp_shifted(T* x, int64_t n, T shift) {
   at::vec::map([shift](Vec<T> v) { return (v - Vec<T>(shift)).exp_u20(); }, x, x, n);
 }
 
-// dst = exp(x - shift); returns the sum, and the max of x through *xmax.
-template <typename T>
-T exp_shifted_sum_max(const T* x, T* dst, int64_t n, T shift, T* xmax) {
-  const Vec<T> vshift(shift);
+// dst = exp(x * xs - shift), stored as D (T, or bf16 straight into the block the product reads);
+// returns the sum (of the unrounded values), and the max of x * xs through *xmax. kFast takes ATen's
+// cheaper exp (relative error ~1e-4, measured), for probabilities that are rounded to bf16 (~4e-3)
+// before their product anyway.
+template <bool kFast = false, typename T, typename D>
+T exp_shifted_sum_max(const T* x, T xs, D* dst, int64_t n, T shift, T* xmax) {
+  const Vec<T> vshift(shift), vs(xs);
   Vec<T> vsum(T(0)), vmax(neg_inf<T>());
-  int64_t j = 0;
-  for (; j + Vec<T>::size() <= n; j += Vec<T>::size()) {
-    const Vec<T> xv = Vec<T>::loadu(x + j);
+  auto exp_of = [&](int64_t j) {
+    const Vec<T> xv = Vec<T>::loadu(x + j) * vs;
     vmax = at::vec::clamp_min(xv, vmax);
-    const Vec<T> e = (xv - vshift).exp_u20();
-    e.store(dst + j);
+    const Vec<T> e = kFast ? (xv - vshift).fexp_u20() : (xv - vshift).exp_u20();
     vsum = vsum + e;
+    return e;
+  };
+  constexpr int64_t V = Vec<T>::size();
+  int64_t j = 0;
+  if constexpr (std::is_same_v<D, T>) {
+    for (; j + V <= n; j += V) exp_of(j).store(dst + j);
+  } else {  // two fp32 vectors make one bf16 vector
+    for (; j + 2 * V <= n; j += 2 * V) {
+      const Vec<T> e0 = exp_of(j), e1 = exp_of(j + V);
+      at::vec::convert_from_float<D>(e0, e1).store(dst + j);
+    }
   }
   T sum = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, vsum);
   T m = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return at::vec::clamp_min(a, b); }, vmax);
   for (; j < n; ++j) {
-    m = x[j] > m ? x[j] : m;
-    dst[j] = std::exp(x[j] - shift);
-    sum += dst[j];
+    const T xj = x[j] * xs;
+    m = xj > m ? xj : m;
+    const T e = std::exp(xj - shift);
+    dst[j] = static_cast<D>(e);
+    sum += e;
   }
   *xmax = m;
   return sum;
@@ -106,9 +122,18 @@ struct Masking {
   T keep_scale = T(1);  // 1 / (1 - p), or 0 when p == 1
   uint64_t seed = 0;
 
-  // Adds the mask and the causal -inf to scores row[0, n) of query i against keys j0.. .
-  void apply(T* row, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n) const {
-    if (mask.data != nullptr) add_row(row, mask.row(b, h, i) + j0, n);
+  // Scales scores row[0, n) of query i against keys j0.. by `pre` (when the product left them
+  // unscaled), then adds the mask and the causal -inf.
+  void apply(T* row, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n, T pre = T(1)) const {
+    if (mask.data != nullptr) {
+      if (pre == T(1)) {
+        add_row(row, mask.row(b, h, i) + j0, n);
+      } else {
+        at::vec::map2([pre](Vec<T> a, Vec<T> m) { return a * Vec<T>(pre) + m; }, row, row, mask.row(b, h, i) + j0, n);
+      }
+    } else if (pre != T(1)) {
+      scale_row(row, n, pre);
+    }
     if (causal && j0 + n - 1 > i) std::fill(row + std::max<int64_t>(i - j0 + 1, 0), row + n, neg_inf<T>());
   }
   // Per-element dropout factor (0 or keep_scale) of query i against keys j0..j0+n.
@@ -165,68 +190,149 @@ const O* as_operand(const T* x, int64_t n, std::vector<O>& buf) {
   }
 }
 
+// The forward's keys and values, packed once per call for brgemm (bf16 operands on CPUs where ATen's
+// brgemm runs them, see csrc/common/cpu_brgemm.h): per batch*head, K^T (D x S: its column chunks are
+// key chunks of 64) and V cut into the key blocks of the forward, each a kB x Dv operand.
+struct PackedKV {
+  int64_t kB = 0, nkb = 0;
+  PackedShape kt;                   // K = D, N = S
+  int64_t v_slot = 0;               // elements per (batch*head, key block) of V
+  std::vector<c10::BFloat16> k_data, v_data;
+  PackedShape v_block(int64_t S, int64_t Dv, int64_t kb) const { return PackedShape(std::min(kB, S - kb * kB), Dv); }
+  const c10::BFloat16* kt_of(int64_t bh) const { return k_data.data() + bh * kt.numel(); }
+  const c10::BFloat16* v_of(int64_t bh, int64_t kb) const { return v_data.data() + (bh * nkb + kb) * v_slot; }
+};
+
+template <typename O>
+PackedKV pack_kv(const Rows<O>& k, const Rows<O>& v, const AttnShape& sh, int64_t kB) {
+  PackedKV pk;
+  if constexpr (std::is_same_v<O, c10::BFloat16>) {
+    pk.kB = kB;
+    pk.nkb = (sh.S + kB - 1) / kB;
+    pk.kt = PackedShape(sh.D, sh.S);
+    pk.v_slot = PackedShape(kB, sh.Dv).numel();
+    pk.k_data.resize(sh.B * sh.H * pk.kt.numel());
+    pk.v_data.resize(sh.B * sh.H * pk.nkb * pk.v_slot);
+    at::parallel_for(0, sh.B * sh.H, 1, [&](int64_t begin, int64_t end) {
+      std::vector<c10::BFloat16> scratch;
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / sh.H, h = bh % sh.H;
+        pack_b(k.at(b, h, 0), k.ld, sh.D, sh.S, /*transposed=*/true, pk.kt, pk.k_data.data() + bh * pk.kt.numel(), scratch);
+        for (int64_t kb = 0; kb < pk.nkb; ++kb) {
+          const int64_t j0 = kb * kB;
+          pack_b(v.at(b, h, j0), v.ld, std::min(kB, sh.S - j0), sh.Dv, /*transposed=*/false, pk.v_block(sh.S, sh.Dv, kb),
+                 pk.v_data.data() + (bh * pk.nkb + kb) * pk.v_slot, scratch);
+        }
+      }
+    });
+  }
+  return pk;
+}
+
+// Whether the forward runs its products on packed bf16 operands (see PackedKV); an odd head dim
+// stays on the BLAS (the packed product needs an even inner dimension it can read from Q's rows).
+template <typename O>
+bool use_packed_forward(const AttnShape& sh) {
+  return std::is_same_v<O, c10::BFloat16> && bf16_brgemm_available() && sh.D % 2 == 0;
+}
+
 template <typename O, typename T>
 void forward_kernel(const Rows<O>& q, const Rows<O>& k, const Rows<O>& v, const Masking<T>& mk, T scale,
                     const AttnShape& sh, T* out, T* lse) {
   const int64_t qB = query_block(sh.L), kB = key_block(sh.S);
   const int64_t nq = (sh.L + qB - 1) / qB;
+  const bool packed = use_packed_forward<O>(sh);
+  const PackedKV pk = packed ? pack_kv<O>(k, v, sh, kB) : PackedKV();
+  // Packed products write whole 64-column chunks (scores) and 16-column groups (the output), and
+  // leave the scores unscaled: the rows apply the scale (with the mask, or inside the exp pass).
+  const int64_t sld = packed ? round_up(kB, kPackChunk) : kB;
+  const int64_t ald = packed ? round_up(sh.Dv, 16) : sh.Dv;
+  const bool scale_in_apply = packed && (mk.mask.data != nullptr || mk.causal);
+  const T xs = packed && !scale_in_apply ? scale : T(1);
   at::parallel_for(0, sh.B * sh.H * nq, 1, [&](int64_t begin, int64_t end) {
     constexpr bool kNarrow = !std::is_same_v<O, T>;  // bf16 operands
-    std::vector<T> scores(qB * kB), probs(kNarrow ? 0 : qB * kB), row_buf(kNarrow ? kB : 0);
-    std::vector<T> acc(qB * sh.Dv), mx(qB), sum(qB), z(mk.dropout ? kB : 0);
-    std::vector<O> probs_op(kNarrow ? qB * kB : 0);
+    std::vector<T> scores(qB * sld), probs(kNarrow ? 0 : qB * sld), row_buf(kNarrow ? sld : 0);
+    std::vector<T> acc(qB * ald), mx(qB), sum(qB), z(mk.dropout ? kB : 0);
+    std::vector<O> probs_op(kNarrow ? qB * sld : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nq, i0 = (task % nq) * qB, m = std::min(qB, sh.L - i0);
       const int64_t b = bh / sh.H, h = bh % sh.H;
-      std::fill(acc.begin(), acc.begin() + m * sh.Dv, T(0));
+      std::fill(acc.begin(), acc.begin() + m * ald, T(0));
       std::fill(mx.begin(), mx.end(), neg_inf<T>());
       std::fill(sum.begin(), sum.end(), T(0));
-      // The row's probabilities against the block's keys into prow, with the online max/sum update.
-      auto row_probabilities = [&](int64_t r, int64_t i, const T* row, T* prow, int64_t n, int64_t j0) {
+      // The row's probabilities against the block's keys into prow (the compute type, or bf16 when
+      // they go straight into the product's operand), with the online max/sum update.
+      auto row_probabilities = [&](int64_t r, int64_t i, const T* row, auto* prow, int64_t n, int64_t j0) {
+        using P = std::remove_pointer_t<decltype(prow)>;
         // Lazy rescaling: once a row has a max, exponentiate against it in the same pass that finds
         // this block's max, and only redo the row (rare) when the block's max exceeds it by more
         // than kMaxSlack -- the probabilities then stay below e^kMaxSlack, far from overflow.
         T block_max = neg_inf<T>(), block_sum = T(0);
-        if (mx[r] != neg_inf<T>()) block_sum = exp_shifted_sum_max(row, prow, n, mx[r], &block_max);
+        if (mx[r] != neg_inf<T>()) block_sum = exp_shifted_sum_max<kNarrow>(row, xs, prow, n, mx[r], &block_max);
         if (mx[r] == neg_inf<T>() || block_max > mx[r] + kMaxSlack) {
-          const T new_max = std::max(mx[r], mx[r] == neg_inf<T>() ? row_max(row, n) : block_max);
+          const T new_max = std::max(mx[r], mx[r] == neg_inf<T>() ? row_max(row, n, xs) : block_max);
           if (new_max == neg_inf<T>()) {  // every key so far is masked
-            std::fill(prow, prow + n, T(0));
+            std::fill(prow, prow + n, P(0.f));
             return;
           }
           const T correction = std::exp(mx[r] - new_max);
-          block_sum = exp_shifted_sum_max(row, prow, n, new_max, &block_max);
-          if (correction != T(1)) scale_row(acc.data() + r * sh.Dv, sh.Dv, correction);
+          block_sum = exp_shifted_sum_max<kNarrow>(row, xs, prow, n, new_max, &block_max);
+          if (correction != T(1)) scale_row(acc.data() + r * ald, sh.Dv, correction);
           sum[r] *= correction;
           mx[r] = new_max;
         }
         sum[r] += block_sum;
-        if (mk.dropout) {  // the normaliser keeps every probability; the output only the kept ones
-          mk.factors(z.data(), bh, i, j0, n);
-          at::vec::map2([](Vec<T> a, Vec<T> f) { return a * f; }, prow, prow, z.data(), n);
+        if constexpr (std::is_same_v<P, T>) {
+          if (mk.dropout) {  // the normaliser keeps every probability; the output only the kept ones
+            mk.factors(z.data(), bh, i, j0, n);
+            at::vec::map2([](Vec<T> a, Vec<T> f) { return a * f; }, prow, prow, z.data(), n);
+          }
         }
       };
       const int64_t kv_end = mk.causal ? std::min(sh.S, i0 + m) : sh.S;
       for (int64_t j0 = 0; j0 < kv_end; j0 += kB) {
         const int64_t n = std::min(kB, kv_end - j0);
-        gemm_op<O, T>(false, true, m, n, sh.D, scale, q.at(b, h, i0), q.ld, k.at(b, h, j0), k.ld, T(0),
-                      scores.data(), n);
+        PackedShape vblock;
+        if constexpr (kNarrow) {
+          if (packed) {
+            brgemm_packed(m, q.at(b, h, i0), q.ld, pk.kt_of(bh), pk.kt, j0, j0 + n, scores.data(), sld, false);
+            vblock = pk.v_block(sh.S, sh.Dv, j0 / kB);
+          }
+        }
+        if (!packed) {
+          gemm_op<O, T>(false, true, m, n, sh.D, scale, q.at(b, h, i0), q.ld, k.at(b, h, j0), k.ld, T(0),
+                        scores.data(), sld);
+        }
         for (int64_t r = 0; r < m; ++r) {
           const int64_t i = i0 + r;
-          T* row = scores.data() + r * n;
-          mk.apply(row, b, h, i, j0, n);
-          // bf16 operands: the row's probabilities go through a one-row fp32 buffer (still in L1)
-          // straight into the bf16 block the product reads.
-          T* prow = kNarrow ? row_buf.data() : probs.data() + r * n;
-          row_probabilities(r, i, row, prow, n, j0);
-          if constexpr (kNarrow) at::vec::convert(prow, probs_op.data() + r * n, n);
+          T* row = scores.data() + r * sld;
+          mk.apply(row, b, h, i, j0, n, scale_in_apply ? scale : T(1));
+          if constexpr (kNarrow) {
+            // bf16 operands: the probabilities go straight into the bf16 block the product reads
+            // (with dropout, through a one-row fp32 buffer still in L1, where the factors apply).
+            O* dst = probs_op.data() + r * sld;
+            if (mk.dropout) {
+              row_probabilities(r, i, row, row_buf.data(), n, j0);
+              at::vec::convert(row_buf.data(), dst, n);
+            } else {
+              row_probabilities(r, i, row, dst, n, j0);
+            }
+            // the packed product reads the whole (even) key block: keys past n weigh nothing
+            if (packed) std::fill(dst + n, dst + vblock.K_pad, O(0.f));
+          } else {
+            row_probabilities(r, i, row, probs.data() + r * sld, n, j0);
+          }
         }
         if constexpr (kNarrow) {
-          gemm_op<O, T>(false, false, m, sh.Dv, n, T(1), probs_op.data(), n, v.at(b, h, j0), v.ld, T(1), acc.data(),
-                        sh.Dv);
+          if (packed) {
+            brgemm_packed(m, probs_op.data(), sld, pk.v_of(bh, j0 / kB), vblock, 0, vblock.N_pad, acc.data(), ald, true);
+          } else {
+            gemm_op<O, T>(false, false, m, sh.Dv, n, T(1), probs_op.data(), sld, v.at(b, h, j0), v.ld, T(1),
+                          acc.data(), ald);
+          }
         } else {
-          gemm_op<O, T>(false, false, m, sh.Dv, n, T(1), probs.data(), n, v.at(b, h, j0), v.ld, T(1), acc.data(),
-                        sh.Dv);
+          gemm_op<O, T>(false, false, m, sh.Dv, n, T(1), probs.data(), sld, v.at(b, h, j0), v.ld, T(1), acc.data(),
+                        ald);
         }
       }
       for (int64_t r = 0; r < m; ++r) {
@@ -234,7 +340,7 @@ void forward_kernel(const Rows<O>& q, const Rows<O>& k, const Rows<O>& v, const 
         T* o = out + (bh * sh.L + i) * sh.Dv;
         if (sum[r] > T(0)) {
           const T inv = T(1) / sum[r];
-          at::vec::map([inv](Vec<T> a) { return a * Vec<T>(inv); }, o, acc.data() + r * sh.Dv, sh.Dv);
+          at::vec::map([inv](Vec<T> a) { return a * Vec<T>(inv); }, o, acc.data() + r * ald, sh.Dv);
           lse[bh * sh.L + i] = mx[r] + std::log(sum[r]);
         } else {  // a fully masked row attends to nothing
           std::fill(o, o + sh.Dv, T(0));
@@ -242,6 +348,7 @@ void forward_kernel(const Rows<O>& q, const Rows<O>& k, const Rows<O>& v, const 
         }
       }
     }
+    if (packed) brgemm_done();
   });
 }
 
