@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from torchfast.nn import _onednn
 from torchfast.nn.functional import batch_norm_add_relu
+from torchfast.ops._registry import exporting
 
 __all__ = ["BatchNormReLU2d", "BatchNormAddReLU2d", "ConvBNReLU2d", "FoldedConvBN", "ResidualBlock", "add_relu",
            "can_fold", "fold_conv_bn", "fused_batch_norm"]
@@ -131,6 +132,12 @@ def _is_channels_last(x: Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
+def _train_channels_last(x: Tensor) -> bool:
+    """A contiguous (NCHW) CPU fp32 input whose convolutions should run channels_last in training."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and x.is_contiguous()
+            and not x.is_contiguous(memory_format=torch.channels_last) and not exporting())
+
+
 def add_relu(x: Tensor, residual: Tensor) -> Tensor:
     """relu(x + residual) in one pass: the fused kernel with identity statistics (exact: scale 1, shift 0)."""
     c = x.size(1)
@@ -167,6 +174,14 @@ class ResidualBlock(nn.Module):
                              f"(N, {self.channels}, H, W), got {tuple(x.shape)}")
         if can_fold(self, (self.bn1, self.bn2), x):
             return self._inference(x)
+        if _train_channels_last(x):
+            # channels_last convolutions (and their backward) are the fast ones on CPU: converting
+            # the input in and the output back costs less than they save (measured:
+            # benchmarks/RESULTS.md). The output keeps the input's layout.
+            return self._train(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        return self._train(x)
+
+    def _train(self, x: Tensor) -> Tensor:
         out = fused_batch_norm(self.bn1, self.conv1(x), None, relu=True)
         return fused_batch_norm(self.bn2, self.conv2(out), x, relu=True)
 
