@@ -48,6 +48,8 @@ CASES = [  # B, H, L, S, D, Dv, causal, mask
     (3, 1, 33, 1, 8, 8, False, None),
     (2, 2, 65, 80, 256, 256, False, "padding"),
     (1, 1, 1025, 97, 80, 80, True, None),
+    (1, 2, 70, 517, 6, 40, False, "padding"),  # bf16 packed products: tiny head dim, padded Dv, odd S
+    (2, 1, 33, 45, 7, 9, True, None),  # odd head dim (bf16 stays on the BLAS)
 ]
 
 
@@ -75,8 +77,13 @@ def test_kernel_matches_reference_fp64(case, device):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
+# A comparison of error sizes needs more than a handful of scores (with L=1, S=5, one lucky rounding
+# in eager decides it).
+STATISTICAL_CASES = [c for c in CASES if c[2] * c[3] >= 64]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3], CASES[7]], ids=lambda c: f"L{c[2]}S{c[3]}D{c[4]}")
+@pytest.mark.parametrize("case", STATISTICAL_CASES, ids=lambda c: f"L{c[2]}S{c[3]}D{c[4]}")
 def test_reduced_precision_within_twice_eager_error(case, dtype, device):
     """The kernel's error against an fp64 reference is at most 2x that of PyTorch's same-dtype eager
     attention (flash-attention's rule), forward and backward."""

@@ -127,10 +127,12 @@ def compare_modules(theirs, ours, make_x, steps=3, forward=lambda m, x: m(x), rt
         x2 = x1.detach().clone().requires_grad_()
         y1, y2 = forward(theirs, x1), forward(ours, x2)
         torch.testing.assert_close(y2, y1, rtol=rtol, atol=atol)
+        assert y2.stride() == y1.stride()  # whatever layout runs inside, the output keeps torch's
         g = torch.randn_like(y1)
         y1.backward(g)
         y2.backward(g)
         torch.testing.assert_close(x2.grad, x1.grad, rtol=rtol, atol=atol)
+        assert x2.grad.stride() == x1.grad.stride()
         # a conv bias before a training-mode BN has a true gradient of 0 (BN removes the mean): its
         # computed value is rounding noise, so the tolerance follows the largest gradient around
         scale = max([1.0] + [float(p.grad.abs().max()) for p in theirs.parameters()])
