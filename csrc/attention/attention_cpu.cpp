@@ -190,44 +190,39 @@ const O* as_operand(const T* x, int64_t n, std::vector<O>& buf) {
   }
 }
 
-// The forward's keys and values, packed once per call for brgemm (bf16 operands on CPUs where ATen's
-// brgemm runs them, see csrc/common/cpu_brgemm.h): per batch*head, K^T (D x S: its column chunks are
-// key chunks of 64) and V cut into the key blocks of the forward, each a kB x Dv operand.
+// One batch*head's keys and values packed for brgemm (bf16 operands on CPUs where ATen's brgemm
+// runs them, see csrc/common/cpu_brgemm.h): K^T (D x S: its column chunks are key chunks of 64) and
+// V cut into the forward's key blocks, each a kB x Dv operand. Each thread packs the batch*heads
+// its query blocks belong to, when it reaches them (tasks are ordered by batch*head, so a thread
+// packs each of its batch*heads once; one split between two threads is packed by both).
 struct PackedKV {
-  int64_t kB = 0, nkb = 0;
-  PackedShape kt;                   // K = D, N = S
-  int64_t v_slot = 0;               // elements per (batch*head, key block) of V
-  std::vector<c10::BFloat16> k_data, v_data;
-  PackedShape v_block(int64_t S, int64_t Dv, int64_t kb) const { return PackedShape(std::min(kB, S - kb * kB), Dv); }
-  const c10::BFloat16* kt_of(int64_t bh) const { return k_data.data() + bh * kt.numel(); }
-  const c10::BFloat16* v_of(int64_t bh, int64_t kb) const { return v_data.data() + (bh * nkb + kb) * v_slot; }
-};
+  int64_t kB = 0, nkb = 0, bh = -1;
+  PackedShape kt;      // K = D, N = S
+  int64_t v_slot = 0;  // elements per key block of V
+  std::vector<c10::BFloat16> k_data, v_data, scratch;
 
-template <typename O>
-PackedKV pack_kv(const Rows<O>& k, const Rows<O>& v, const AttnShape& sh, int64_t kB) {
-  PackedKV pk;
-  if constexpr (std::is_same_v<O, c10::BFloat16>) {
-    pk.kB = kB;
-    pk.nkb = (sh.S + kB - 1) / kB;
-    pk.kt = PackedShape(sh.D, sh.S);
-    pk.v_slot = PackedShape(kB, sh.Dv).numel();
-    pk.k_data.resize(sh.B * sh.H * pk.kt.numel());
-    pk.v_data.resize(sh.B * sh.H * pk.nkb * pk.v_slot);
-    at::parallel_for(0, sh.B * sh.H, 1, [&](int64_t begin, int64_t end) {
-      std::vector<c10::BFloat16> scratch;
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t b = bh / sh.H, h = bh % sh.H;
-        pack_b(k.at(b, h, 0), k.ld, sh.D, sh.S, /*transposed=*/true, pk.kt, pk.k_data.data() + bh * pk.kt.numel(), scratch);
-        for (int64_t kb = 0; kb < pk.nkb; ++kb) {
-          const int64_t j0 = kb * kB;
-          pack_b(v.at(b, h, j0), v.ld, std::min(kB, sh.S - j0), sh.Dv, /*transposed=*/false, pk.v_block(sh.S, sh.Dv, kb),
-                 pk.v_data.data() + (bh * pk.nkb + kb) * pk.v_slot, scratch);
-        }
+  PackedKV(const AttnShape& sh, int64_t kB_)
+      : kB(kB_), nkb((sh.S + kB_ - 1) / kB_), kt(sh.D, sh.S), v_slot(PackedShape(kB_, sh.Dv).numel()) {}
+  PackedShape v_block(const AttnShape& sh, int64_t kb) const { return PackedShape(std::min(kB, sh.S - kb * kB), sh.Dv); }
+  const c10::BFloat16* v_of(int64_t kb) const { return v_data.data() + kb * v_slot; }
+
+  template <typename O>
+  void pack(const Rows<O>& k, const Rows<O>& v, const AttnShape& sh, int64_t bh_) {
+    if constexpr (std::is_same_v<O, c10::BFloat16>) {
+      if (bh_ == bh) return;
+      bh = bh_;
+      const int64_t b = bh / sh.H, h = bh % sh.H;
+      k_data.resize(kt.numel());
+      v_data.resize(nkb * v_slot);
+      pack_b(k.at(b, h, 0), k.ld, sh.D, sh.S, /*transposed=*/true, kt, k_data.data(), scratch);
+      for (int64_t kb = 0; kb < nkb; ++kb) {
+        const int64_t j0 = kb * kB;
+        pack_b(v.at(b, h, j0), v.ld, std::min(kB, sh.S - j0), sh.Dv, /*transposed=*/false, v_block(sh, kb),
+               v_data.data() + kb * v_slot, scratch);
       }
-    });
+    }
   }
-  return pk;
-}
+};
 
 // Whether the forward runs its products on packed bf16 operands (see PackedKV); an odd head dim
 // stays on the BLAS (the packed product needs an even inner dimension it can read from Q's rows).
@@ -236,13 +231,14 @@ bool use_packed_forward(const AttnShape& sh) {
   return std::is_same_v<O, c10::BFloat16> && bf16_brgemm_available() && sh.D % 2 == 0;
 }
 
+// out is written as O when the operands are bf16 (the input dtype), else in the compute type T.
 template <typename O, typename T>
 void forward_kernel(const Rows<O>& q, const Rows<O>& k, const Rows<O>& v, const Masking<T>& mk, T scale,
-                    const AttnShape& sh, T* out, T* lse) {
-  const int64_t qB = query_block(sh.L), kB = key_block(sh.S);
-  const int64_t nq = (sh.L + qB - 1) / qB;
+                    const AttnShape& sh, std::conditional_t<std::is_same_v<O, T>, T, O>* out, T* lse) {
   const bool packed = use_packed_forward<O>(sh);
-  const PackedKV pk = packed ? pack_kv<O>(k, v, sh, kB) : PackedKV();
+  // (AMX products want taller blocks than the fp32 BLAS: 128 rows measured faster at L = 512)
+  const int64_t qB = packed ? std::max<int64_t>(query_block(sh.L), 128) : query_block(sh.L), kB = key_block(sh.S);
+  const int64_t nq = (sh.L + qB - 1) / qB;
   // Packed products write whole 64-column chunks (scores) and 16-column groups (the output), and
   // leave the scores unscaled: the rows apply the scale (with the mask, or inside the exp pass).
   const int64_t sld = packed ? round_up(kB, kPackChunk) : kB;
@@ -254,9 +250,11 @@ void forward_kernel(const Rows<O>& q, const Rows<O>& k, const Rows<O>& v, const 
     std::vector<T> scores(qB * sld), probs(kNarrow ? 0 : qB * sld), row_buf(kNarrow ? sld : 0);
     std::vector<T> acc(qB * ald), mx(qB), sum(qB), z(mk.dropout ? kB : 0);
     std::vector<O> probs_op(kNarrow ? qB * sld : 0);
+    PackedKV pk(sh, kB);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nq, i0 = (task % nq) * qB, m = std::min(qB, sh.L - i0);
       const int64_t b = bh / sh.H, h = bh % sh.H;
+      if (packed) pk.pack(k, v, sh, bh);
       std::fill(acc.begin(), acc.begin() + m * ald, T(0));
       std::fill(mx.begin(), mx.end(), neg_inf<T>());
       std::fill(sum.begin(), sum.end(), T(0));
@@ -295,8 +293,8 @@ void forward_kernel(const Rows<O>& q, const Rows<O>& k, const Rows<O>& v, const 
         PackedShape vblock;
         if constexpr (kNarrow) {
           if (packed) {
-            brgemm_packed(m, q.at(b, h, i0), q.ld, pk.kt_of(bh), pk.kt, j0, j0 + n, scores.data(), sld, false);
-            vblock = pk.v_block(sh.S, sh.Dv, j0 / kB);
+            brgemm_packed(m, q.at(b, h, i0), q.ld, pk.k_data.data(), pk.kt, j0, j0 + n, scores.data(), sld, false);
+            vblock = pk.v_block(sh, j0 / kB);
           }
         }
         if (!packed) {
@@ -325,7 +323,7 @@ void forward_kernel(const Rows<O>& q, const Rows<O>& k, const Rows<O>& v, const 
         }
         if constexpr (kNarrow) {
           if (packed) {
-            brgemm_packed(m, probs_op.data(), sld, pk.v_of(bh, j0 / kB), vblock, 0, vblock.N_pad, acc.data(), ald, true);
+            brgemm_packed(m, probs_op.data(), sld, pk.v_of(j0 / kB), vblock, 0, vblock.N_pad, acc.data(), ald, true);
           } else {
             gemm_op<O, T>(false, false, m, sh.Dv, n, T(1), probs_op.data(), sld, v.at(b, h, j0), v.ld, T(1),
                           acc.data(), ald);
@@ -337,13 +335,19 @@ void forward_kernel(const Rows<O>& q, const Rows<O>& k, const Rows<O>& v, const 
       }
       for (int64_t r = 0; r < m; ++r) {
         const int64_t i = i0 + r;
-        T* o = out + (bh * sh.L + i) * sh.Dv;
+        auto* o = out + (bh * sh.L + i) * sh.Dv;
+        T* a = acc.data() + r * ald;
         if (sum[r] > T(0)) {
           const T inv = T(1) / sum[r];
-          at::vec::map([inv](Vec<T> a) { return a * Vec<T>(inv); }, o, acc.data() + r * ald, sh.Dv);
+          if constexpr (kNarrow) {  // normalise in place, then round once into the output
+            scale_row(a, sh.Dv, inv);
+            at::vec::convert(a, o, sh.Dv);
+          } else {
+            at::vec::map([inv](Vec<T> x) { return x * Vec<T>(inv); }, o, a, sh.Dv);
+          }
           lse[bh * sh.L + i] = mx[r] + std::log(sum[r]);
         } else {  // a fully masked row attends to nothing
-          std::fill(o, o + sh.Dv, T(0));
+          std::fill(o, o + sh.Dv, std::remove_pointer_t<decltype(o)>(0.f));
           lse[bh * sh.L + i] = neg_inf<T>();
         }
       }
@@ -478,8 +482,9 @@ void run_forward(const at::Tensor& query, const at::Tensor& key, const at::Tenso
                  at::Tensor& lse) {
   const auto od = c10::CppTypeToScalarType<O>::value;
   const at::Tensor q = attention_operand(query, od), k = attention_operand(key, od), v = attention_operand(value, od);
+  using R = std::conditional_t<std::is_same_v<O, T>, T, O>;
   forward_kernel<O, T>(rows_of<O>(q), rows_of<O>(k), rows_of<O>(v), make_masking<T>(mask, is_causal, dropout_p, seed),
-                       static_cast<T>(scale), sh, out.mutable_data_ptr<T>(), lse.mutable_data_ptr<T>());
+                       static_cast<T>(scale), sh, out.mutable_data_ptr<R>(), lse.mutable_data_ptr<T>());
 }
 
 template <typename O, typename T>
@@ -508,11 +513,13 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_cpu(const at::Tensor& query, 
   const auto ct = attention_compute_type(query);
   const at::Tensor mask = attention_mask_operand(attn_mask, sh, ct);
   const auto opts = query.options().dtype(ct);
-  at::Tensor out = at::empty({sh.B, sh.H, sh.L, sh.Dv}, opts);
+  const at::ScalarType od = operand_dtype(query.scalar_type());
+  // bf16 operands write the bf16 output directly; other narrow inputs are computed in ct and cast
+  at::Tensor out = at::empty({sh.B, sh.H, sh.L, sh.Dv}, od == at::kBFloat16 ? query.options() : opts);
   at::Tensor lse = at::empty({sh.B, sh.H, sh.L}, opts);
   const uint64_t seed = attention_seed(dropout_p, rng_seed);
   if (out.numel() > 0 || lse.numel() > 0) {
-    switch (operand_dtype(query.scalar_type())) {
+    switch (od) {
       case at::kDouble:
         run_forward<double, double>(query, key, value, mask, is_causal, scale, dropout_p, seed, sh, out, lse);
         break;
