@@ -151,7 +151,9 @@ class ResidualBlock(nn.Module):
     """The cheat sheet's ResidualBlock (conv-BN-ReLU-conv-BN, + input, ReLU), same constructor and
     submodules (conv1, bn1, relu, conv2, bn2; convs with bias), so its state_dict loads unchanged.
 
-    Training: each BN + (residual add) + ReLU is one fused kernel. Inference (eval mode, no
+    Training: each BN + (residual add) + ReLU is one fused kernel; on the CPU a contiguous fp32
+    input runs channels_last inside the block (its convolutions are faster so) and the output is
+    converted back. Inference (eval mode, no
     gradient needed): the BNs are folded into the convolutions (cached until a parameter or buffer
     changes or the mode switches), the convolutions keep the input's layout (channels_last inputs
     are the fast case on CPU), and the residual add + ReLU is one fused epilogue (on CPU fp32, the
