@@ -18,20 +18,22 @@
 
 namespace torchfast {
 
+// The brgemm API (with these signatures) is in ATen's headers since they define this macro; older
+// torch builds compile the fallbacks below, and the callers keep to the BLAS.
 #if defined(CPUBLAS_BRGEMM_BF16BF16F32)
-constexpr bool kHaveBf16Brgemm = true;
+#define TORCHFAST_HAVE_BF16_BRGEMM 1
 #else
-constexpr bool kHaveBf16Brgemm = false;
+#define TORCHFAST_HAVE_BF16_BRGEMM 0
 #endif
 
 // Whether bf16 products can go through packed brgemm on this CPU (AMX or AVX512-BF16 present).
 inline bool bf16_brgemm_available() {
-  if constexpr (!kHaveBf16Brgemm) {
-    return false;
-  } else {
-    static const bool ok = at::native::cpublas::could_pack(at::kBFloat16);
-    return ok;
-  }
+#if TORCHFAST_HAVE_BF16_BRGEMM
+  static const bool ok = at::native::cpublas::could_pack(at::kBFloat16);
+  return ok;
+#else
+  return false;
+#endif
 }
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -64,12 +66,14 @@ inline void pack_b(const c10::BFloat16* src, int64_t ld, int64_t K, int64_t N, b
   } else {
     for (int64_t k = 0; k < K; ++k) std::copy(src + k * ld, src + k * ld + N, s + k * shape.N_pad);
   }
-  if constexpr (kHaveBf16Brgemm) {
-    for (int64_t c = 0; c < shape.N_pad; c += kPackChunk) {
-      const int64_t w = shape.width(c);
-      at::native::cpublas::pack(shape.K_pad, w, shape.N_pad, w, at::kBFloat16, at::kBFloat16, s + c, dst + c * shape.K_pad);
-    }
+#if TORCHFAST_HAVE_BF16_BRGEMM
+  for (int64_t c = 0; c < shape.N_pad; c += kPackChunk) {
+    const int64_t w = shape.width(c);
+    at::native::cpublas::pack(shape.K_pad, w, shape.N_pad, w, at::kBFloat16, at::kBFloat16, s + c, dst + c * shape.K_pad);
   }
+#else
+  (void)dst;
+#endif
 }
 
 // C[:, 0 : c_end - c_begin] (+)= A (M x K_pad, row-major, ld lda) times columns [c_begin, c_end) of
@@ -77,18 +81,22 @@ inline void pack_b(const c10::BFloat16* src, int64_t ld, int64_t K, int64_t N, b
 // them). A must hold K_pad readable columns (zeros past the real K).
 inline void brgemm_packed(int64_t M, const c10::BFloat16* A, int64_t lda, const c10::BFloat16* packed,
                           const PackedShape& shape, int64_t c_begin, int64_t c_end, float* C, int64_t ldc, bool add) {
-  if constexpr (kHaveBf16Brgemm) {
-    for (int64_t c = c_begin; c < std::min(c_end, shape.N_pad); c += kPackChunk) {
-      const int64_t w = shape.width(c);
-      at::native::cpublas::brgemm(M, w, shape.K_pad, lda, w, ldc, add, A, packed + c * shape.K_pad, C + (c - c_begin),
-                                  /*is_vnni=*/true);
-    }
+#if TORCHFAST_HAVE_BF16_BRGEMM
+  for (int64_t c = c_begin; c < std::min(c_end, shape.N_pad); c += kPackChunk) {
+    const int64_t w = shape.width(c);
+    at::native::cpublas::brgemm(M, w, shape.K_pad, lda, w, ldc, add, A, packed + c * shape.K_pad, C + (c - c_begin),
+                                /*is_vnni=*/true);
   }
+#else
+  (void)M, (void)A, (void)lda, (void)packed, (void)shape, (void)c_begin, (void)c_end, (void)C, (void)ldc, (void)add;
+#endif
 }
 
 // Releases the AMX tile state a thread's brgemm calls configured (call at the end of its work).
 inline void brgemm_done() {
-  if constexpr (kHaveBf16Brgemm) at::native::cpublas::brgemm_release(/*is_vnni=*/true);
+#if TORCHFAST_HAVE_BF16_BRGEMM
+  at::native::cpublas::brgemm_release(/*is_vnni=*/true);
+#endif
 }
 
 }  // namespace torchfast
