@@ -180,6 +180,50 @@ def test_fully_masked_rows_give_zero_not_nan(device):
     assert empty_keys.shape == (2, 2, 9, 16) and empty_keys.abs().max() == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_nan_inputs_propagate_like_torch(dtype, device):
+    """A NaN query row makes that output row NaN; a NaN key makes every row that sees it NaN (as torch:
+    a NaN must not read as a masked key), and the gradients carry it."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 1, 4, 16, device=device, dtype=dtype)
+    k, v = (torch.randn(1, 1, 600, 16, device=device, dtype=dtype) for _ in range(2))
+    q[0, 0, 2, 0] = float("nan")
+    assert tf_sdpa(q, k, v).isnan().any(-1).flatten().tolist() == [False, False, True, False]
+    k[0, 0, 550, 3] = float("nan")
+    qg = q.clone().requires_grad_()
+    out = tf_sdpa(qg, k, v)
+    assert out.isnan().any(-1).all()
+    out.sum().backward()
+    assert qg.grad.isnan().any()
+    causal = tf_sdpa(q, k, v, is_causal=True)  # queries 0-3 see keys 0-3 only: the NaN key is out of reach
+    assert causal.isnan().any(-1).flatten().tolist() == [False, False, True, False]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_zero_width_heads_match_torch(dtype, device):
+    """A head dim of 0 scores 0 everywhere (uniform weights, torch gives the mean of V); Dv = 0 is empty."""
+    q, k = torch.randn(1, 2, 5, 0, device=device, dtype=dtype), torch.randn(1, 2, 7, 0, device=device, dtype=dtype)
+    v = torch.randn(1, 2, 7, 8, device=device, dtype=dtype)
+    torch.testing.assert_close(tf_sdpa(q, k, v), F.scaled_dot_product_attention(q, k, v), rtol=1e-2, atol=1e-2)
+    assert tf_sdpa(v, v, v[..., :0]).shape == (1, 2, 7, 0)
+
+
+def test_bf16_without_onednn_and_causal_limit(device):
+    """bf16 products run on oneDNN's brgemm where it can, the BLAS when oneDNN is switched off (same
+    results); a causal diagonal block never reads the values past its queries' limit."""
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(1, 2, n, 64, device=device, dtype=torch.bfloat16) for n in (299, 601, 601))
+    base = tf_sdpa(q, k, v)
+    with torch.backends.mkldnn.flags(enabled=False):
+        torch.testing.assert_close(tf_sdpa(q, k, v), base, rtol=2e-2, atol=2e-2)
+    for L in (299, 300, 7):
+        vi = v.clone()
+        vi[:, :, L:] = float("inf")  # no query (top-left causal) may see keys >= L
+        out = tf_sdpa(q[:, :, :L], k, vi, is_causal=True)
+        assert torch.isfinite(out).all(), L
+        torch.testing.assert_close(out, tf_sdpa(q[:, :, :L], k, v, is_causal=True))
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_dropout_reproducible_and_consistent(causal, device):
     require_kernel(OP, device)

@@ -37,8 +37,9 @@ constexpr T neg_inf() {
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
-// max_j(x[j] * xs). Four independent accumulators keep the vector units busy; clamp_min is a plain
-// max (a NaN score still reaches the output through exp and the sum).
+// max_j(x[j] * xs), NaN if any score is NaN (at::vec::maximum propagates NaN: a NaN query or key
+// must reach the output, as in torch, not read as a masked row). Four independent accumulators keep
+// the vector units busy.
 template <typename T>
 T row_max(const T* x, int64_t n, T xs) {
   constexpr int64_t V = Vec<T>::size();
@@ -46,15 +47,15 @@ T row_max(const T* x, int64_t n, T xs) {
   Vec<T> m0(neg_inf<T>()), m1(neg_inf<T>()), m2(neg_inf<T>()), m3(neg_inf<T>());
   int64_t j = 0;
   for (; j + 4 * V <= n; j += 4 * V) {
-    m0 = at::vec::clamp_min(Vec<T>::loadu(x + j) * vs, m0);
-    m1 = at::vec::clamp_min(Vec<T>::loadu(x + j + V) * vs, m1);
-    m2 = at::vec::clamp_min(Vec<T>::loadu(x + j + 2 * V) * vs, m2);
-    m3 = at::vec::clamp_min(Vec<T>::loadu(x + j + 3 * V) * vs, m3);
+    m0 = at::vec::maximum(Vec<T>::loadu(x + j) * vs, m0);
+    m1 = at::vec::maximum(Vec<T>::loadu(x + j + V) * vs, m1);
+    m2 = at::vec::maximum(Vec<T>::loadu(x + j + 2 * V) * vs, m2);
+    m3 = at::vec::maximum(Vec<T>::loadu(x + j + 3 * V) * vs, m3);
   }
-  for (; j + V <= n; j += V) m0 = at::vec::clamp_min(Vec<T>::loadu(x + j) * vs, m0);
-  m0 = at::vec::clamp_min(at::vec::clamp_min(m0, m1), at::vec::clamp_min(m2, m3));
-  T r = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return at::vec::clamp_min(a, b); }, m0);
-  for (; j < n; ++j) r = x[j] * xs > r ? x[j] * xs : r;
+  for (; j + V <= n; j += V) m0 = at::vec::maximum(Vec<T>::loadu(x + j) * vs, m0);
+  m0 = at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3));
+  T r = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return at::vec::maximum(a, b); }, m0);
+  for (; j < n; ++j) r = std::isnan(x[j] * xs) || x[j] * xs > r ? x[j] * xs : r;
   return r;
 }
 
@@ -65,7 +66,7 @@ void exp_shifted(T* x, int64_t n, T shift) {
 }
 
 // dst = exp(x * xs - shift), stored as D (T, or bf16 straight into the block the product reads);
-// returns the sum (of the unrounded values), and the max of x * xs through *xmax. kFast takes ATen's
+// returns the sum (of the unrounded values), and the max of x * xs (NaN if any is) through *xmax. kFast takes ATen's
 // cheaper exp (relative error ~1e-4, measured), for probabilities that are rounded to bf16 (~4e-3)
 // before their product anyway.
 template <bool kFast = false, typename T, typename D>
@@ -74,7 +75,7 @@ T exp_shifted_sum_max(const T* x, T xs, D* dst, int64_t n, T shift, T* xmax) {
   Vec<T> vsum(T(0)), vmax(neg_inf<T>());
   auto exp_of = [&](int64_t j) {
     const Vec<T> xv = Vec<T>::loadu(x + j) * vs;
-    vmax = at::vec::clamp_min(xv, vmax);
+    vmax = at::vec::maximum(xv, vmax);
     const Vec<T> e = kFast ? (xv - vshift).fexp_u20() : (xv - vshift).exp_u20();
     vsum = vsum + e;
     return e;
@@ -90,10 +91,10 @@ T exp_shifted_sum_max(const T* x, T xs, D* dst, int64_t n, T shift, T* xmax) {
     }
   }
   T sum = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, vsum);
-  T m = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return at::vec::clamp_min(a, b); }, vmax);
+  T m = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return at::vec::maximum(a, b); }, vmax);
   for (; j < n; ++j) {
     const T xj = x[j] * xs;
-    m = xj > m ? xj : m;
+    m = std::isnan(xj) || xj > m ? xj : m;
     const T e = std::exp(xj - shift);
     dst[j] = static_cast<D>(e);
     sum += e;
@@ -228,7 +229,19 @@ struct PackedKV {
 // stays on the BLAS (the packed product needs an even inner dimension it can read from Q's rows).
 template <typename O>
 bool use_packed_forward(const AttnShape& sh) {
-  return std::is_same_v<O, c10::BFloat16> && bf16_brgemm_available() && sh.D % 2 == 0;
+  return std::is_same_v<O, c10::BFloat16> && sh.D > 0 && sh.Dv > 0 && sh.D % 2 == 0 && bf16_brgemm_available();
+}
+
+// acc[r, :Dv] += p[r * ldp] * value[:Dv] for r < m (one key's contribution, bf16 operands).
+inline void add_last_key(const c10::BFloat16* p, int64_t ldp, const c10::BFloat16* value, int64_t m, int64_t Dv,
+                         float* acc, int64_t ald) {
+  std::vector<float> v(Dv);
+  at::vec::convert(value, v.data(), Dv);
+  for (int64_t r = 0; r < m; ++r) {
+    const float pr = static_cast<float>(p[r * ldp]);
+    at::vec::map2([pr](Vec<float> a, Vec<float> x) { return a + x * Vec<float>(pr); }, acc + r * ald, acc + r * ald,
+                  v.data(), Dv);
+  }
 }
 
 // out is written as O when the operands are bf16 (the input dtype), else in the compute type T.
@@ -251,6 +264,7 @@ void forward_kernel(const Rows<O>& q, const Rows<O>& k, const Rows<O>& v, const 
     std::vector<T> acc(qB * ald), mx(qB), sum(qB), z(mk.dropout ? kB : 0);
     std::vector<O> probs_op(kNarrow ? qB * sld : 0);
     PackedKV pk(sh, kB);
+    const BrgemmScope brgemm_scope(packed);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nq, i0 = (task % nq) * qB, m = std::min(qB, sh.L - i0);
       const int64_t b = bh / sh.H, h = bh % sh.H;
@@ -265,10 +279,20 @@ void forward_kernel(const Rows<O>& q, const Rows<O>& k, const Rows<O>& v, const 
         // Lazy rescaling: once a row has a max, exponentiate against it in the same pass that finds
         // this block's max, and only redo the row (rare) when the block's max exceeds it by more
         // than kMaxSlack -- the probabilities then stay below e^kMaxSlack, far from overflow.
+        // A NaN score makes the row NaN (sum[r] = NaN, written out at the end); its probabilities
+        // are then left at 0 so they cannot touch the other rows' products.
+        auto poisoned = [&]() {
+          sum[r] = std::numeric_limits<T>::quiet_NaN();
+          std::fill(prow, prow + n, P(0.f));
+        };
+        if (std::isnan(sum[r])) return poisoned();
         T block_max = neg_inf<T>(), block_sum = T(0);
         if (mx[r] != neg_inf<T>()) block_sum = exp_shifted_sum_max<kNarrow>(row, xs, prow, n, mx[r], &block_max);
+        if (std::isnan(block_max)) return poisoned();
         if (mx[r] == neg_inf<T>() || block_max > mx[r] + kMaxSlack) {
-          const T new_max = std::max(mx[r], mx[r] == neg_inf<T>() ? row_max(row, n, xs) : block_max);
+          const T candidate = mx[r] == neg_inf<T>() ? row_max(row, n, xs) : block_max;
+          if (std::isnan(candidate)) return poisoned();
+          const T new_max = std::max(mx[r], candidate);
           if (new_max == neg_inf<T>()) {  // every key so far is masked
             std::fill(prow, prow + n, P(0.f));
             return;
@@ -291,9 +315,11 @@ void forward_kernel(const Rows<O>& q, const Rows<O>& k, const Rows<O>& v, const 
       for (int64_t j0 = 0; j0 < kv_end; j0 += kB) {
         const int64_t n = std::min(kB, kv_end - j0);
         PackedShape vblock;
+        const int64_t vblock_rows = std::min(kB, sh.S - j0);  // n is smaller only at a causal diagonal
         if constexpr (kNarrow) {
           if (packed) {
-            brgemm_packed(m, q.at(b, h, i0), q.ld, pk.k_data.data(), pk.kt, j0, j0 + n, scores.data(), sld, false);
+            // (j0 is a multiple of 64: key_block is S itself or 512)
+            brgemm_packed(m, sh.D, q.at(b, h, i0), q.ld, pk.k_data.data(), pk.kt, j0, j0 + n, scores.data(), sld, false);
             vblock = pk.v_block(sh, j0 / kB);
           }
         }
@@ -315,15 +341,19 @@ void forward_kernel(const Rows<O>& q, const Rows<O>& k, const Rows<O>& v, const 
             } else {
               row_probabilities(r, i, row, dst, n, j0);
             }
-            // the packed product reads the whole (even) key block: keys past n weigh nothing
-            if (packed) std::fill(dst + n, dst + vblock.K_pad, O(0.f));
+            // a whole key block (n == its rows) is read to its even K_pad: the padding weighs nothing
+            if (packed && n == vblock_rows) std::fill(dst + n, dst + vblock.K_pad, O(0.f));
           } else {
             row_probabilities(r, i, row, probs.data() + r * sld, n, j0);
           }
         }
         if constexpr (kNarrow) {
           if (packed) {
-            brgemm_packed(m, probs_op.data(), sld, pk.v_of(j0 / kB), vblock, 0, vblock.N_pad, acc.data(), ald, true);
+            // A causal diagonal block stops at key n: the products read only its first keys (never the
+            // values past the causal limit), an odd last one as a rank-1 update.
+            const int64_t K = n == vblock_rows ? vblock.K_pad : n - n % 2;
+            brgemm_packed(m, K, probs_op.data(), sld, pk.v_of(j0 / kB), vblock, 0, vblock.N_pad, acc.data(), ald, true);
+            if (K < n) add_last_key(probs_op.data() + (n - 1), sld, v.at(b, h, j0 + n - 1), m, sh.Dv, acc.data(), ald);
           } else {
             gemm_op<O, T>(false, false, m, sh.Dv, n, T(1), probs_op.data(), sld, v.at(b, h, j0), v.ld, T(1),
                           acc.data(), ald);
@@ -337,7 +367,10 @@ void forward_kernel(const Rows<O>& q, const Rows<O>& k, const Rows<O>& v, const 
         const int64_t i = i0 + r;
         auto* o = out + (bh * sh.L + i) * sh.Dv;
         T* a = acc.data() + r * ald;
-        if (sum[r] > T(0)) {
+        if (std::isnan(sum[r])) {  // a NaN score: the row is NaN, as in torch
+          std::fill(o, o + sh.Dv, std::remove_pointer_t<decltype(o)>(std::numeric_limits<float>::quiet_NaN()));
+          lse[bh * sh.L + i] = std::numeric_limits<T>::quiet_NaN();
+        } else if (sum[r] > T(0)) {
           const T inv = T(1) / sum[r];
           if constexpr (kNarrow) {  // normalise in place, then round once into the output
             scale_row(a, sh.Dv, inv);
@@ -352,7 +385,6 @@ void forward_kernel(const Rows<O>& q, const Rows<O>& k, const Rows<O>& v, const 
         }
       }
     }
-    if (packed) brgemm_done();
   });
 }
 

@@ -155,7 +155,8 @@ __global__ void __launch_bounds__(kThreads)
       const int d = lane + 32 * t;
       if (d < Dv) out[(bh * dm.L + i) * Dv + d] = static_cast<scalar_t>(acc[rr][t] * inv);
     }
-    if (lane == 0) lse[bh * dm.L + i] = l[rr] > acc_t(0) ? m[rr] + attn_log(l[rr]) : neg_inf<acc_t>();
+    // a NaN score leaves l NaN: the output is NaN (acc is) and so is the logsumexp, as in torch
+    if (lane == 0) lse[bh * dm.L + i] = l[rr] > acc_t(0) || l[rr] != l[rr] ? m[rr] + attn_log(l[rr]) : neg_inf<acc_t>();
   }
 }
 

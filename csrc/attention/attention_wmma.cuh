@@ -11,6 +11,8 @@
 #include <cuda_fp16.h>
 #include <mma.h>
 
+#include "common/host_device.h"
+
 namespace torchfast {
 namespace wmma_attention {
 
@@ -144,10 +146,10 @@ __global__ void __launch_bounds__(kThreads)
         if (mask.data != nullptr) x += mask.row(b, h, i)[j];
       }
       sv[c] = x;
-      tile_max = fmaxf(tile_max, x);
+      tile_max = tf_max(tile_max, x);  // NaN-propagating (fmaxf would drop a NaN score)
     }
-    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 16));
-    const float new_m = fmaxf(m, tile_max);
+    tile_max = tf_max(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 16));
+    const float new_m = tf_max(m, tile_max);
     const float corr = new_m == -INFINITY ? 1.f : __expf(m - new_m);
     float sum = 0.f;
     const uint32_t row_key = drop.on ? dropout_row_key(drop.seed, bh, i) : 0u;
@@ -187,7 +189,7 @@ __global__ void __launch_bounds__(kThreads)
     const float inv = l > 0.f ? (drop.on ? drop.keep_scale : 1.f) / l : 0.f;
     for (int d = side * (D / 2); d < (side + 1) * (D / 2); ++d)
       out[(bh * dm.L + i) * D + d] = static_cast<scalar_t>(o_w[r * lay.ld_o + d] * inv);
-    if (side == 0) lse[bh * dm.L + i] = l > 0.f ? m + __logf(l) : -INFINITY;
+    if (side == 0) lse[bh * dm.L + i] = l > 0.f || l != l ? m + __logf(l) : -INFINITY;  // NaN stays NaN
   }
 #else
   __trap();  // never launched: the host checks the kernel was built for sm_80+ (kernel_built_for_sm80)

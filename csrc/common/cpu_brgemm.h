@@ -26,11 +26,11 @@ namespace torchfast {
 #define TORCHFAST_HAVE_BF16_BRGEMM 0
 #endif
 
-// Whether bf16 products can go through packed brgemm on this CPU (AMX or AVX512-BF16 present).
+// Whether bf16 products can go through packed brgemm here: a CPU with AMX, and oneDNN enabled (asked
+// on every call: `torch.backends.mkldnn.flags(enabled=False)` turns brgemm off at run time).
 inline bool bf16_brgemm_available() {
 #if TORCHFAST_HAVE_BF16_BRGEMM
-  static const bool ok = at::native::cpublas::could_pack(at::kBFloat16);
-  return ok;
+  return at::native::cpublas::could_pack(at::kBFloat16);
 #else
   return false;
 #endif
@@ -76,27 +76,37 @@ inline void pack_b(const c10::BFloat16* src, int64_t ld, int64_t K, int64_t N, b
 #endif
 }
 
-// C[:, 0 : c_end - c_begin] (+)= A (M x K_pad, row-major, ld lda) times columns [c_begin, c_end) of
-// the packed B (c_begin a multiple of 64; c_end rounded up to whole chunks, so C needs room for
-// them). A must hold K_pad readable columns (zeros past the real K).
-inline void brgemm_packed(int64_t M, const c10::BFloat16* A, int64_t lda, const c10::BFloat16* packed,
+// C[:, 0 : c_end - c_begin] (+)= A (M x K, row-major, ld lda) times rows [0, K) and columns
+// [c_begin, c_end) of the packed B. K is even and at most K_pad (the first K rows of a packed operand
+// are a packed operand themselves, measured); A must hold K readable columns. c_begin is a multiple
+// of 64 and c_end is rounded up to whole chunks, so C needs room for them.
+inline void brgemm_packed(int64_t M, int64_t K, const c10::BFloat16* A, int64_t lda, const c10::BFloat16* packed,
                           const PackedShape& shape, int64_t c_begin, int64_t c_end, float* C, int64_t ldc, bool add) {
+  TORCH_INTERNAL_ASSERT(c_begin % kPackChunk == 0 && K % 2 == 0 && K <= shape.K_pad);
 #if TORCHFAST_HAVE_BF16_BRGEMM
+  if (K == 0) return;
   for (int64_t c = c_begin; c < std::min(c_end, shape.N_pad); c += kPackChunk) {
     const int64_t w = shape.width(c);
-    at::native::cpublas::brgemm(M, w, shape.K_pad, lda, w, ldc, add, A, packed + c * shape.K_pad, C + (c - c_begin),
+    at::native::cpublas::brgemm(M, w, K, lda, w, ldc, add, A, packed + c * shape.K_pad, C + (c - c_begin),
                                 /*is_vnni=*/true);
   }
 #else
-  (void)M, (void)A, (void)lda, (void)packed, (void)shape, (void)c_begin, (void)c_end, (void)C, (void)ldc, (void)add;
+  (void)M, (void)A, (void)lda, (void)packed, (void)c_end, (void)C, (void)ldc, (void)add;
 #endif
 }
 
-// Releases the AMX tile state a thread's brgemm calls configured (call at the end of its work).
-inline void brgemm_done() {
+// Releases the AMX tile state a thread's brgemm calls configured, when it leaves its work (also by an
+// exception).
+struct BrgemmScope {
+  bool active;
+  explicit BrgemmScope(bool active_) : active(active_) {}
+  BrgemmScope(const BrgemmScope&) = delete;
+  BrgemmScope& operator=(const BrgemmScope&) = delete;
+  ~BrgemmScope() {
 #if TORCHFAST_HAVE_BF16_BRGEMM
-  at::native::cpublas::brgemm_release(/*is_vnni=*/true);
+    if (active) at::native::cpublas::brgemm_release(/*is_vnni=*/true);
 #endif
-}
+  }
+};
 
 }  // namespace torchfast

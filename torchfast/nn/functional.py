@@ -106,7 +106,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         query, key, value = (t.reshape(n, 1, t.size(-2), t.size(-1)) for t in (query, key, value))
     elif mask is not None and mask.dim() > 4:
         raise ValueError(f"{name}: attn_mask has rank {mask.dim()}, more than the inputs' 4")
-    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else float(scale)
+    if scale is None:  # (a zero-width head scores 0 everywhere whatever the scale: uniform weights, as torch)
+        scale = 1.0 / math.sqrt(query.size(-1)) if query.size(-1) > 0 else 1.0
+    scale = float(scale)
     seed = _draw_dropout_seed() if dropout_p > 0.0 else None
     out, _ = attention_ops.flash_attention(query, key, value, mask, is_causal, scale, dropout_p, seed)
     return out.reshape(*lead, L, value.size(-1))
