@@ -211,6 +211,8 @@ def test_zero_width_heads_match_torch(dtype, device):
 def test_bf16_without_onednn_and_causal_limit(device):
     """bf16 products run on oneDNN's brgemm where it can, the BLAS when oneDNN is switched off (same
     results); a causal diagonal block never reads the values past its queries' limit."""
+    if device != "cpu":
+        pytest.skip("oneDNN's brgemm and the packed bf16 products are the CPU kernel's")
     torch.manual_seed(5)
     q, k, v = (torch.randn(1, 2, n, 64, device=device, dtype=torch.bfloat16) for n in (299, 601, 601))
     base = tf_sdpa(q, k, v)
