@@ -59,10 +59,10 @@ T row_max(const T* x, int64_t n, T xs) {
   return r;
 }
 
-// x = exp(x - shift) in place; exp(-inf) is 0 (masked entries).
+// x = exp(x * xs - shift) in place; exp(-inf) is 0 (masked entries).
 template <typename T>
-void exp_shifted(T* x, int64_t n, T shift) {
-  at::vec::map([shift](Vec<T> v) { return (v - Vec<T>(shift)).exp_u20(); }, x, x, n);
+void exp_shifted(T* x, int64_t n, T xs, T shift) {
+  at::vec::map([xs, shift](Vec<T> v) { return (v * Vec<T>(xs) - Vec<T>(shift)).exp_u20(); }, x, x, n);
 }
 
 // dst = exp(x * xs - shift), stored as D (T, or bf16 straight into the block the product reads);
@@ -427,64 +427,97 @@ void backward_kernel(const Rows<O>& dout, const Rows<O>& q, const Rows<O>& k, co
   const int64_t threads = at::get_num_threads();
   const int64_t slices = BH >= threads ? 1 : std::max<int64_t>(std::min<int64_t>(nk, (threads + BH - 1) / BH), 1);
   std::vector<T> dq_slices(slices > 1 ? static_cast<size_t>(slices * BH * sh.L * sh.D) : 0, T(0));
+  // bf16 on brgemm: the two products with the head dim inside (S = Q K^T, dP = dO V^T) read K^T and
+  // V^T packed once per key block (MKL's bf16 GEMM would repack them for every query block); their
+  // outputs fill whole 16-column groups and leave S unscaled (the row pass applies the scale).
+  const bool packed = use_packed_forward<O>(sh) && sh.Dv % 2 == 0;
+  const int64_t pld = packed ? round_up(kB, 16) : kB;  // row stride of the score blocks
+  const bool scale_in_apply = packed && (mk.mask.data != nullptr || mk.causal);
+  const T xs = packed && !scale_in_apply ? scale : T(1);
   at::parallel_for(0, BH * slices, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> p(qB * kB), dp(qB * kB), z(mk.dropout ? qB * kB : 0), pd(mk.dropout ? qB * kB : 0);
+    std::vector<T> p(qB * pld), dp(qB * pld), z(mk.dropout ? qB * pld : 0), pd(mk.dropout ? qB * pld : 0);
     std::vector<T> dk(kB * sh.D), dv(kB * sh.Dv);
     std::vector<O> p_op, ds_op;  // bf16 operands only
+    std::vector<c10::BFloat16> kt_pack, vt_pack, scratch;
+    const BrgemmScope brgemm_scope(packed);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / slices, slice = task % slices, b = bh / sh.H, h = bh % sh.H;
       T* dq = slices == 1 ? gq + bh * sh.L * sh.D : dq_slices.data() + (slice * BH + bh) * sh.L * sh.D;
       for (int64_t kb = nk * slice / slices; kb < nk * (slice + 1) / slices; ++kb) {
         const int64_t j0 = kb * kB, n = std::min(kB, sh.S - j0);
+        const int64_t ld = packed ? round_up(n, 16) : n;  // of this block's scores
+        const PackedShape kts(sh.D, n), vts(sh.Dv, n);
+        if constexpr (std::is_same_v<O, c10::BFloat16>) {
+          if (packed) {
+            kt_pack.resize(kts.numel());
+            vt_pack.resize(vts.numel());
+            pack_b(k.at(b, h, j0), k.ld, sh.D, n, /*transposed=*/true, kts, kt_pack.data(), scratch);
+            pack_b(v.at(b, h, j0), v.ld, sh.Dv, n, /*transposed=*/true, vts, vt_pack.data(), scratch);
+          }
+        }
         std::fill(dk.begin(), dk.begin() + n * sh.D, T(0));
         std::fill(dv.begin(), dv.begin() + n * sh.Dv, T(0));
         const int64_t i_first = mk.causal ? (j0 / qB) * qB : 0;  // earlier queries see none of these keys
         for (int64_t i0 = i_first; i0 < sh.L; i0 += qB) {
           const int64_t m = std::min(qB, sh.L - i0);
           const O* dO = dout.at(b, h, i0);
-          gemm_op<O, T>(false, true, m, n, sh.D, scale, q.at(b, h, i0), q.ld, k.at(b, h, j0), k.ld, T(0), p.data(),
-                        n);
-          gemm_op<O, T>(false, true, m, n, sh.Dv, T(1), dO, dout.ld, v.at(b, h, j0), v.ld, T(0), dp.data(), n);
+          bool done = false;
+          if constexpr (std::is_same_v<O, c10::BFloat16>) {
+            if (packed) {
+              brgemm_packed(m, sh.D, q.at(b, h, i0), q.ld, kt_pack.data(), kts, 0, n, p.data(), ld, false);
+              brgemm_packed(m, sh.Dv, dO, dout.ld, vt_pack.data(), vts, 0, n, dp.data(), ld, false);
+              brgemm_release_tiles();  // the BLAS products below use AMX too
+              done = true;
+            }
+          }
+          if (!done) {
+            gemm_op<O, T>(false, true, m, n, sh.D, scale, q.at(b, h, i0), q.ld, k.at(b, h, j0), k.ld, T(0), p.data(),
+                          ld);
+            gemm_op<O, T>(false, true, m, n, sh.Dv, T(1), dO, dout.ld, v.at(b, h, j0), v.ld, T(0), dp.data(), ld);
+          }
           // One pass per row while it is hot: P = exp(S - lse), dS = P * (dP * z - delta) into dp,
           // and with dropout the kept probabilities P * z (what multiplied V) into pd.
           for (int64_t r = 0; r < m; ++r) {
             const int64_t i = i0 + r;
-            T* prow = p.data() + r * n;
-            T* dsrow = dp.data() + r * n;
+            T* prow = p.data() + r * ld;
+            T* dsrow = dp.data() + r * ld;
+            T* pdrow = mk.dropout ? pd.data() + r * ld : nullptr;
             const T l = lse[bh * sh.L + i];
             if (l == neg_inf<T>()) {
               std::fill(prow, prow + n, T(0));
               std::fill(dsrow, dsrow + n, T(0));
-              if (mk.dropout) std::fill(pd.data() + r * n, pd.data() + (r + 1) * n, T(0));
+              if (mk.dropout) std::fill(pdrow, pdrow + n, T(0));
               continue;
             }
-            mk.apply(prow, b, h, i, j0, n);
-            const Vec<T> vl(l), dl(delta[bh * sh.L + i]);
+            mk.apply(prow, b, h, i, j0, n, scale_in_apply ? scale : T(1));
+            const Vec<T> vl(l), dl(delta[bh * sh.L + i]), vs(xs);
             if (!mk.dropout) {
               int64_t j = 0;
               for (; j + Vec<T>::size() <= n; j += Vec<T>::size()) {
-                const Vec<T> e = (Vec<T>::loadu(prow + j) - vl).exp_u20();
+                const Vec<T> e = (Vec<T>::loadu(prow + j) * vs - vl).exp_u20();
                 e.store(prow + j);
                 (e * (Vec<T>::loadu(dsrow + j) - dl)).store(dsrow + j);
               }
               for (; j < n; ++j) {
-                prow[j] = std::exp(prow[j] - l);
+                prow[j] = std::exp(prow[j] * xs - l);
                 dsrow[j] = prow[j] * (dsrow[j] - delta[bh * sh.L + i]);
               }
             } else {
-              T* zrow = z.data() + r * n;
+              T* zrow = z.data() + r * ld;
               mk.factors(zrow, bh, i, j0, n);
-              exp_shifted(prow, n, l);
-              at::vec::map2([](Vec<T> a, Vec<T> f) { return a * f; }, pd.data() + r * n, prow, zrow, n);
+              exp_shifted(prow, n, xs, l);
+              at::vec::map2([](Vec<T> a, Vec<T> f) { return a * f; }, pdrow, prow, zrow, n);
               at::vec::map3([dl](Vec<T> pp, Vec<T> g, Vec<T> f) { return pp * (g * f - dl); }, dsrow, prow, dsrow,
                             zrow, n);
             }
           }
-          gemm_op<O, T>(true, false, n, sh.Dv, m, T(1), as_operand<O>(mk.dropout ? pd.data() : p.data(), m * n, p_op),
-                        n, dO, dout.ld, T(1), dv.data(), sh.Dv);
-          const O* ds = as_operand<O>(dp.data(), m * n, ds_op);
-          gemm_op<O, T>(false, false, m, sh.D, n, scale, ds, n, k.at(b, h, j0), k.ld, T(1), dq + i0 * sh.D, sh.D);
-          gemm_op<O, T>(true, false, n, sh.D, m, scale, ds, n, q.at(b, h, i0), q.ld, T(1), dk.data(), sh.D);
+          // (with packed products the blocks are ld wide; the columns past n hold zeros or finite
+          // scores of zero keys and are not read: the products below take n columns)
+          gemm_op<O, T>(true, false, n, sh.Dv, m, T(1), as_operand<O>(mk.dropout ? pd.data() : p.data(), m * ld, p_op),
+                        ld, dO, dout.ld, T(1), dv.data(), sh.Dv);
+          const O* ds = as_operand<O>(dp.data(), m * ld, ds_op);
+          gemm_op<O, T>(false, false, m, sh.D, n, scale, ds, ld, k.at(b, h, j0), k.ld, T(1), dq + i0 * sh.D, sh.D);
+          gemm_op<O, T>(true, false, n, sh.D, m, scale, ds, ld, q.at(b, h, i0), q.ld, T(1), dk.data(), sh.D);
         }
         std::copy(dk.begin(), dk.begin() + n * sh.D, gk + (bh * sh.S + j0) * sh.D);
         std::copy(dv.begin(), dv.begin() + n * sh.Dv, gv + (bh * sh.S + j0) * sh.Dv);

@@ -95,6 +95,15 @@ inline void brgemm_packed(int64_t M, int64_t K, const c10::BFloat16* A, int64_t 
 #endif
 }
 
+// Releases the AMX tile state brgemm configured. Needed before any other AMX user runs on the thread
+// (MKL's bf16 GEMM configures and releases the tiles itself; brgemm, which remembers its own
+// configuration, would then run tile instructions on released tiles: an illegal instruction).
+inline void brgemm_release_tiles() {
+#if TORCHFAST_HAVE_BF16_BRGEMM
+  at::native::cpublas::brgemm_release(/*is_vnni=*/true);
+#endif
+}
+
 // Releases the AMX tile state a thread's brgemm calls configured, when it leaves its work (also by an
 // exception).
 struct BrgemmScope {
