@@ -191,6 +191,51 @@ const O* as_operand(const T* x, int64_t n, std::vector<O>& buf) {
   }
 }
 
+// The packed bf16 products (csrc/common/cpu_brgemm.h) for operand type O: only ever called with bf16
+// operands (use_packed_products is false for the others), written once here so that the kernels can
+// branch on a run-time `packed` without compile-time guards at each call.
+template <typename O>
+void pack_operand(const O* src, int64_t ld, int64_t K, int64_t N, bool transposed, const PackedShape& shape,
+                  std::vector<c10::BFloat16>& dst, std::vector<c10::BFloat16>& scratch, int64_t offset = 0) {
+  if constexpr (std::is_same_v<O, c10::BFloat16>) {
+    if (static_cast<int64_t>(dst.size()) < offset + shape.numel()) dst.resize(offset + shape.numel());
+    pack_b(src, ld, K, N, transposed, shape, dst.data() + offset, scratch);
+  } else {
+    TORCH_INTERNAL_ASSERT(false, "packed products take bf16 operands");
+  }
+}
+
+template <typename O, typename T>
+void packed_product(int64_t M, int64_t K, const O* A, int64_t lda, const c10::BFloat16* packed,
+                    const PackedShape& shape, int64_t c_begin, int64_t c_end, T* C, int64_t ldc, bool add) {
+  if constexpr (std::is_same_v<O, c10::BFloat16> && std::is_same_v<T, float>) {
+    brgemm_packed(M, K, A, lda, packed, shape, c_begin, c_end, C, ldc, add);
+  } else {
+    TORCH_INTERNAL_ASSERT(false, "packed products take bf16 operands");
+  }
+}
+
+// Whether the products run on packed bf16 operands: bf16 inputs on a CPU where brgemm runs them, with
+// even inner dimensions read from the input rows (the head dim D; for the backward's dP = dO V^T also
+// Dv). Other inputs stay on the BLAS.
+template <typename O>
+bool use_packed_products(const AttnShape& sh, bool dv_inner) {
+  return std::is_same_v<O, c10::BFloat16> && sh.D > 0 && sh.Dv > 0 && sh.D % 2 == 0 &&
+         (!dv_inner || sh.Dv % 2 == 0) && bf16_brgemm_available();
+}
+
+// Where the softmax scale goes. The BLAS products take it as alpha; packed products leave the scores
+// unscaled, so the row pass applies it: with the mask / causal pass when there is one (`pre`), else
+// inside the exp pass (`xs`).
+template <typename T>
+struct ScoreScale {
+  T pre = T(1), xs = T(1);
+  ScoreScale(bool packed, const Masking<T>& mk, T scale) {
+    if (!packed) return;
+    (mk.mask.data != nullptr || mk.causal ? pre : xs) = scale;
+  }
+};
+
 // One batch*head's keys and values packed for brgemm (bf16 operands on CPUs where ATen's brgemm
 // runs them, see csrc/common/cpu_brgemm.h): K^T (D x S: its column chunks are key chunks of 64) and
 // V cut into the forward's key blocks, each a kB x Dv operand. Each thread packs the batch*heads
@@ -209,38 +254,26 @@ struct PackedKV {
 
   template <typename O>
   void pack(const Rows<O>& k, const Rows<O>& v, const AttnShape& sh, int64_t bh_) {
-    if constexpr (std::is_same_v<O, c10::BFloat16>) {
-      if (bh_ == bh) return;
-      bh = bh_;
-      const int64_t b = bh / sh.H, h = bh % sh.H;
-      k_data.resize(kt.numel());
-      v_data.resize(nkb * v_slot);
-      pack_b(k.at(b, h, 0), k.ld, sh.D, sh.S, /*transposed=*/true, kt, k_data.data(), scratch);
-      for (int64_t kb = 0; kb < nkb; ++kb) {
-        const int64_t j0 = kb * kB;
-        pack_b(v.at(b, h, j0), v.ld, std::min(kB, sh.S - j0), sh.Dv, /*transposed=*/false, v_block(sh, kb),
-               v_data.data() + kb * v_slot, scratch);
-      }
+    if (bh_ == bh) return;
+    bh = bh_;
+    const int64_t b = bh / sh.H, h = bh % sh.H;
+    pack_operand(k.at(b, h, 0), k.ld, sh.D, sh.S, /*transposed=*/true, kt, k_data, scratch);
+    for (int64_t kb = 0; kb < nkb; ++kb) {
+      const int64_t j0 = kb * kB;
+      pack_operand(v.at(b, h, j0), v.ld, std::min(kB, sh.S - j0), sh.Dv, /*transposed=*/false, v_block(sh, kb),
+                   v_data, scratch, kb * v_slot);
     }
   }
 };
 
-// Whether the forward runs its products on packed bf16 operands (see PackedKV); an odd head dim
-// stays on the BLAS (the packed product needs an even inner dimension it can read from Q's rows).
-template <typename O>
-bool use_packed_forward(const AttnShape& sh) {
-  return std::is_same_v<O, c10::BFloat16> && sh.D > 0 && sh.Dv > 0 && sh.D % 2 == 0 && bf16_brgemm_available();
-}
-
-// acc[r, :Dv] += p[r * ldp] * value[:Dv] for r < m (one key's contribution, bf16 operands).
-inline void add_last_key(const c10::BFloat16* p, int64_t ldp, const c10::BFloat16* value, int64_t m, int64_t Dv,
-                         float* acc, int64_t ald) {
-  std::vector<float> v(Dv);
+// acc[r, :Dv] += p[r * ldp] * value[:Dv] for r < m (one key's contribution, in the compute type T).
+template <typename O, typename T>
+void add_last_key(const O* p, int64_t ldp, const O* value, int64_t m, int64_t Dv, T* acc, int64_t ald) {
+  std::vector<T> v(Dv);
   at::vec::convert(value, v.data(), Dv);
   for (int64_t r = 0; r < m; ++r) {
-    const float pr = static_cast<float>(p[r * ldp]);
-    at::vec::map2([pr](Vec<float> a, Vec<float> x) { return a + x * Vec<float>(pr); }, acc + r * ald, acc + r * ald,
-                  v.data(), Dv);
+    const T pr = static_cast<T>(p[r * ldp]);
+    at::vec::map2([pr](Vec<T> a, Vec<T> x) { return a + x * Vec<T>(pr); }, acc + r * ald, acc + r * ald, v.data(), Dv);
   }
 }
 
@@ -248,7 +281,7 @@ inline void add_last_key(const c10::BFloat16* p, int64_t ldp, const c10::BFloat1
 template <typename O, typename T>
 void forward_kernel(const Rows<O>& q, const Rows<O>& k, const Rows<O>& v, const Masking<T>& mk, T scale,
                     const AttnShape& sh, std::conditional_t<std::is_same_v<O, T>, T, O>* out, T* lse) {
-  const bool packed = use_packed_forward<O>(sh);
+  const bool packed = use_packed_products<O>(sh, /*dv_inner=*/false);
   // (AMX products want taller blocks than the fp32 BLAS: 128 rows measured faster at L = 512)
   const int64_t qB = packed ? std::max<int64_t>(query_block(sh.L), 128) : query_block(sh.L), kB = key_block(sh.S);
   const int64_t nq = (sh.L + qB - 1) / qB;
@@ -256,13 +289,13 @@ void forward_kernel(const Rows<O>& q, const Rows<O>& k, const Rows<O>& v, const 
   // leave the scores unscaled: the rows apply the scale (with the mask, or inside the exp pass).
   const int64_t sld = packed ? round_up(kB, kPackChunk) : kB;
   const int64_t ald = packed ? round_up(sh.Dv, 16) : sh.Dv;
-  const bool scale_in_apply = packed && (mk.mask.data != nullptr || mk.causal);
-  const T xs = packed && !scale_in_apply ? scale : T(1);
+  const ScoreScale<T> ss(packed, mk, scale);
+  const T xs = ss.xs;
   at::parallel_for(0, sh.B * sh.H * nq, 1, [&](int64_t begin, int64_t end) {
     constexpr bool kNarrow = !std::is_same_v<O, T>;  // bf16 operands
-    std::vector<T> scores(qB * sld), probs(kNarrow ? 0 : qB * sld), row_buf(kNarrow ? sld : 0);
+    std::vector<T> scores(qB * sld), row_buf(kNarrow ? sld : 0);
     std::vector<T> acc(qB * ald), mx(qB), sum(qB), z(mk.dropout ? kB : 0);
-    std::vector<O> probs_op(kNarrow ? qB * sld : 0);
+    std::vector<O> probs(qB * sld);  // the product's operand: the probabilities in O
     PackedKV pk(sh, kB);
     const BrgemmScope brgemm_scope(packed);
     for (int64_t task = begin; task < end; ++task) {
@@ -314,50 +347,36 @@ void forward_kernel(const Rows<O>& q, const Rows<O>& k, const Rows<O>& v, const 
       const int64_t kv_end = mk.causal ? std::min(sh.S, i0 + m) : sh.S;
       for (int64_t j0 = 0; j0 < kv_end; j0 += kB) {
         const int64_t n = std::min(kB, kv_end - j0);
-        PackedShape vblock;
         const int64_t vblock_rows = std::min(kB, sh.S - j0);  // n is smaller only at a causal diagonal
-        if constexpr (kNarrow) {
-          if (packed) {
-            // (j0 is a multiple of 64: key_block is S itself or 512)
-            brgemm_packed(m, sh.D, q.at(b, h, i0), q.ld, pk.k_data.data(), pk.kt, j0, j0 + n, scores.data(), sld, false);
-            vblock = pk.v_block(sh, j0 / kB);
-          }
-        }
-        if (!packed) {
+        const PackedShape vblock = packed ? pk.v_block(sh, j0 / kB) : PackedShape();
+        if (packed) {  // (j0 is a multiple of 64: key_block is S itself or 512)
+          packed_product(m, sh.D, q.at(b, h, i0), q.ld, pk.k_data.data(), pk.kt, j0, j0 + n, scores.data(), sld, false);
+        } else {
           gemm_op<O, T>(false, true, m, n, sh.D, scale, q.at(b, h, i0), q.ld, k.at(b, h, j0), k.ld, T(0),
                         scores.data(), sld);
         }
         for (int64_t r = 0; r < m; ++r) {
           const int64_t i = i0 + r;
           T* row = scores.data() + r * sld;
-          mk.apply(row, b, h, i, j0, n, scale_in_apply ? scale : T(1));
-          if constexpr (kNarrow) {
-            // bf16 operands: the probabilities go straight into the bf16 block the product reads
-            // (with dropout, through a one-row fp32 buffer still in L1, where the factors apply).
-            O* dst = probs_op.data() + r * sld;
-            if (mk.dropout) {
-              row_probabilities(r, i, row, row_buf.data(), n, j0);
-              at::vec::convert(row_buf.data(), dst, n);
-            } else {
-              row_probabilities(r, i, row, dst, n, j0);
-            }
-            // a whole key block (n == its rows) is read to its even K_pad: the padding weighs nothing
-            if (packed && n == vblock_rows) std::fill(dst + n, dst + vblock.K_pad, O(0.f));
+          mk.apply(row, b, h, i, j0, n, ss.pre);
+          // The probabilities go straight into the block the product reads; bf16 ones with dropout
+          // through a one-row fp32 buffer still in L1, where the factors apply.
+          O* dst = probs.data() + r * sld;
+          if (kNarrow && mk.dropout) {
+            row_probabilities(r, i, row, row_buf.data(), n, j0);
+            at::vec::convert(row_buf.data(), dst, n);
           } else {
-            row_probabilities(r, i, row, probs.data() + r * sld, n, j0);
+            row_probabilities(r, i, row, dst, n, j0);
           }
+          // a whole key block (n == its rows) is read to its even K_pad: the padding weighs nothing
+          if (packed && n == vblock_rows) std::fill(dst + n, dst + vblock.K_pad, O(0.f));
         }
-        if constexpr (kNarrow) {
-          if (packed) {
-            // A causal diagonal block stops at key n: the products read only its first keys (never the
-            // values past the causal limit), an odd last one as a rank-1 update.
-            const int64_t K = n == vblock_rows ? vblock.K_pad : n - n % 2;
-            brgemm_packed(m, K, probs_op.data(), sld, pk.v_of(j0 / kB), vblock, 0, vblock.N_pad, acc.data(), ald, true);
-            if (K < n) add_last_key(probs_op.data() + (n - 1), sld, v.at(b, h, j0 + n - 1), m, sh.Dv, acc.data(), ald);
-          } else {
-            gemm_op<O, T>(false, false, m, sh.Dv, n, T(1), probs_op.data(), sld, v.at(b, h, j0), v.ld, T(1),
-                          acc.data(), ald);
-          }
+        if (packed) {
+          // A causal diagonal block stops at key n: the products read only its first keys (never the
+          // values past the causal limit), an odd last one as a rank-1 update.
+          const int64_t K = n == vblock_rows ? vblock.K_pad : n - n % 2;
+          packed_product(m, K, probs.data(), sld, pk.v_of(j0 / kB), vblock, 0, vblock.N_pad, acc.data(), ald, true);
+          if (K < n) add_last_key(probs.data() + (n - 1), sld, v.at(b, h, j0 + n - 1), m, sh.Dv, acc.data(), ald);
         } else {
           gemm_op<O, T>(false, false, m, sh.Dv, n, T(1), probs.data(), sld, v.at(b, h, j0), v.ld, T(1), acc.data(),
                         ald);
@@ -430,10 +449,10 @@ void backward_kernel(const Rows<O>& dout, const Rows<O>& q, const Rows<O>& k, co
   // bf16 on brgemm: the two products with the head dim inside (S = Q K^T, dP = dO V^T) read K^T and
   // V^T packed once per key block (MKL's bf16 GEMM would repack them for every query block); their
   // outputs fill whole 16-column groups and leave S unscaled (the row pass applies the scale).
-  const bool packed = use_packed_forward<O>(sh) && sh.Dv % 2 == 0;
+  const bool packed = use_packed_products<O>(sh, /*dv_inner=*/true);
   const int64_t pld = packed ? round_up(kB, 16) : kB;  // row stride of the score blocks
-  const bool scale_in_apply = packed && (mk.mask.data != nullptr || mk.causal);
-  const T xs = packed && !scale_in_apply ? scale : T(1);
+  const ScoreScale<T> ss(packed, mk, scale);
+  const T xs = ss.xs;
   at::parallel_for(0, BH * slices, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> p(qB * pld), dp(qB * pld), z(mk.dropout ? qB * pld : 0), pd(mk.dropout ? qB * pld : 0);
     std::vector<T> dk(kB * sh.D), dv(kB * sh.Dv);
@@ -447,13 +466,9 @@ void backward_kernel(const Rows<O>& dout, const Rows<O>& q, const Rows<O>& k, co
         const int64_t j0 = kb * kB, n = std::min(kB, sh.S - j0);
         const int64_t ld = packed ? round_up(n, 16) : n;  // of this block's scores
         const PackedShape kts(sh.D, n), vts(sh.Dv, n);
-        if constexpr (std::is_same_v<O, c10::BFloat16>) {
-          if (packed) {
-            kt_pack.resize(kts.numel());
-            vt_pack.resize(vts.numel());
-            pack_b(k.at(b, h, j0), k.ld, sh.D, n, /*transposed=*/true, kts, kt_pack.data(), scratch);
-            pack_b(v.at(b, h, j0), v.ld, sh.Dv, n, /*transposed=*/true, vts, vt_pack.data(), scratch);
-          }
+        if (packed) {
+          pack_operand(k.at(b, h, j0), k.ld, sh.D, n, /*transposed=*/true, kts, kt_pack, scratch);
+          pack_operand(v.at(b, h, j0), v.ld, sh.Dv, n, /*transposed=*/true, vts, vt_pack, scratch);
         }
         std::fill(dk.begin(), dk.begin() + n * sh.D, T(0));
         std::fill(dv.begin(), dv.begin() + n * sh.Dv, T(0));
@@ -461,16 +476,11 @@ void backward_kernel(const Rows<O>& dout, const Rows<O>& q, const Rows<O>& k, co
         for (int64_t i0 = i_first; i0 < sh.L; i0 += qB) {
           const int64_t m = std::min(qB, sh.L - i0);
           const O* dO = dout.at(b, h, i0);
-          bool done = false;
-          if constexpr (std::is_same_v<O, c10::BFloat16>) {
-            if (packed) {
-              brgemm_packed(m, sh.D, q.at(b, h, i0), q.ld, kt_pack.data(), kts, 0, n, p.data(), ld, false);
-              brgemm_packed(m, sh.Dv, dO, dout.ld, vt_pack.data(), vts, 0, n, dp.data(), ld, false);
-              brgemm_release_tiles();  // the BLAS products below use AMX too
-              done = true;
-            }
-          }
-          if (!done) {
+          if (packed) {
+            packed_product(m, sh.D, q.at(b, h, i0), q.ld, kt_pack.data(), kts, 0, n, p.data(), ld, false);
+            packed_product(m, sh.Dv, dO, dout.ld, vt_pack.data(), vts, 0, n, dp.data(), ld, false);
+            brgemm_release_tiles();  // the BLAS products below use AMX too
+          } else {
             gemm_op<O, T>(false, true, m, n, sh.D, scale, q.at(b, h, i0), q.ld, k.at(b, h, j0), k.ld, T(0), p.data(),
                           ld);
             gemm_op<O, T>(false, true, m, n, sh.Dv, T(1), dO, dout.ld, v.at(b, h, j0), v.ld, T(0), dp.data(), ld);
@@ -489,7 +499,7 @@ void backward_kernel(const Rows<O>& dout, const Rows<O>& q, const Rows<O>& k, co
               if (mk.dropout) std::fill(pdrow, pdrow + n, T(0));
               continue;
             }
-            mk.apply(prow, b, h, i, j0, n, scale_in_apply ? scale : T(1));
+            mk.apply(prow, b, h, i, j0, n, ss.pre);
             const Vec<T> vl(l), dl(delta[bh * sh.L + i]), vs(xs);
             if (!mk.dropout) {
               int64_t j = 0;

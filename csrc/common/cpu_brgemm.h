@@ -112,9 +112,7 @@ struct BrgemmScope {
   BrgemmScope(const BrgemmScope&) = delete;
   BrgemmScope& operator=(const BrgemmScope&) = delete;
   ~BrgemmScope() {
-#if TORCHFAST_HAVE_BF16_BRGEMM
-    if (active) at::native::cpublas::brgemm_release(/*is_vnni=*/true);
-#endif
+    if (active) brgemm_release_tiles();
   }
 };
 
