@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check: build for the machine's GPU with its own torch, run the CUDA tests and the CUDA
-# benchmarks (optimizers, clipping, batch norm, attention with and without the tensor-core forward),
+# benchmarks (optimizers, clipping, batch norm, attention with and without the tensor-core kernels),
 # and compare the Adam step with the device's copy bandwidth. Meant to finish within 9 minutes,
 # build included. Writes its report to ${OUT:-gpu_check_out}/.
 set -euo pipefail
@@ -30,9 +30,13 @@ TORCHFAST_REQUIRE_KERNELS=1 timeout 150 pytest tests -q -k cuda -p no:cacheprovi
 echo "== CUDA benchmarks"
 (cd / && timeout 150 torchfast bench --device cuda --rounds 20 --suites optim clip norm \
   --json "$OUT/bench_cuda.json") | tee "$OUT/bench_cuda.md"
-echo "== CUDA attention (bf16, D=64 and 128; GFLOP/s beside torch SDPA)"
-(cd / && timeout 200 torchfast bench --device cuda --rounds 12 --suites attention --attn-head-dims 64 128 \
-  --json "$OUT/bench_attention.json") | tee "$OUT/bench_attention.md" || echo "ATTENTION BENCH FAILED"
+echo "== CUDA attention (bf16, D=64 and 128; GFLOP/s beside torch SDPA), tensor-core backward on"
+(cd / && TORCHFAST_ATTENTION_WMMA_BACKWARD=1 timeout 200 torchfast bench --device cuda --rounds 12 \
+  --suites attention --attn-head-dims 64 128 --json "$OUT/bench_attention.json") | tee "$OUT/bench_attention.md" \
+  || echo "ATTENTION BENCH FAILED"
+echo "== the same at L=4096 on the scalar kernels (default backward; forward with TORCHFAST_ATTENTION_WMMA=0)"
+(cd / && timeout 60 torchfast bench --device cuda --rounds 6 --suites attention \
+  --attn-lengths 4096 --attn-memory-lengths 4096) | tee "$OUT/bench_attention_scalar_bwd.md" || true
 (cd / && TORCHFAST_ATTENTION_WMMA=0 timeout 60 torchfast bench --device cuda --rounds 6 --suites attention \
   --attn-lengths 4096 --attn-memory-lengths 4096) | tee "$OUT/bench_attention_scalar.md" || true
 

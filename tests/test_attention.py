@@ -272,6 +272,36 @@ def test_reduced_precision_masks_dropout_match_reference(D, dtype, device):
         assert out[:, :, 5].abs().max() == 0 and not out.isnan().any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("D", [32, 64, 128])
+def test_cuda_tensor_core_backward_matches_reference(D, dtype, monkeypatch):
+    """The opt-in tensor-core backward (TORCHFAST_ATTENTION_WMMA_BACKWARD=1): gradients against the
+    fp32 reference with the same dropout seed, at lengths that are not multiples of its 64-row tiles
+    (L < S and L > S), with masks, causal, a fully masked row and dropout."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    require_kernel(OP, "cuda")
+    monkeypatch.setenv("TORCHFAST_ATTENTION_WMMA_BACKWARD", "1")
+    torch.manual_seed(12)
+    seed = torch.tensor([777], dtype=torch.int64)
+    for L, S in ((70, 130), (130, 70)):
+        q, k, v, g = (torch.randn(2, 3, n, D, device="cuda").to(dtype) for n in (L, S, S, L))
+        mask = torch.randn(1, 3, L, S, device="cuda")
+        mask[:, :, 5] = float("-inf")  # a fully masked row
+        for m, causal, p in ((None, False, 0.0), (mask, True, 0.0), (mask, False, 0.2)):
+            out, lse = torch.ops.torchfast.flash_attention(q, k, v, m, causal, D ** -0.5, p, seed)
+            grads = torch.ops.torchfast.flash_attention_backward(g, q, k, v, out, lse, m, causal, D ** -0.5, p, seed)
+            rq, rk, rv = (t.float().requires_grad_() for t in (q, k, v))
+            rout, _ = ref.flash_attention(rq, rk, rv, m, causal, D ** -0.5, p, seed)
+            rgrads = torch.autograd.grad(rout, (rq, rk, rv), g.float())
+            for name, a, b in zip(("dq", "dk", "dv"), grads, rgrads):
+                assert a.dtype == dtype and not a.isnan().any(), name
+                rel = (a.float() - b).abs().max() / b.abs().max().clamp_min(1e-6)
+                assert rel < (1e-2 if dtype == torch.float16 else 3e-2), (name, L, S, causal, p, rel.item())
+            if m is not None:
+                assert grads[0][:, :, 5].abs().max() == 0  # the fully masked row has no gradient
+
+
 def test_dropout_edges(device):
     q = torch.randn(1, 2, 8, 16, device=device)
     assert tf_sdpa(q, q, q, dropout_p=1.0).abs().max() == 0

@@ -1,7 +1,9 @@
 // CUDA kernels of torchfast::flash_attention and torchfast::flash_attention_backward.
 //
 // fp16/bf16 forwards with head dims 32, 64 or 128 on sm_80+ run on tensor cores
-// (attention_wmma.cuh). Everything else runs on the scalar kernels below (FMAs in the compute type):
+// (attention_wmma.cuh); so do such backwards when TORCHFAST_ATTENTION_WMMA_BACKWARD=1
+// (attention_wmma_backward.cuh: off by default until checked on a GPU). Everything else runs on
+// the scalar kernels below (FMAs in the compute type):
 // Forward: a block of 4 warps owns 16 query rows (4 per warp, scaled q in shared memory) and walks
 // the keys in tiles of 32 staged in shared memory. Lane j scores key j of the tile; the warp keeps
 // the online-softmax row max and sum; the output row lives in registers, lane-strided over the
@@ -273,19 +275,32 @@ Dropout<acc_t> make_dropout(double p, uint64_t seed) {
 }  // namespace torchfast
 
 #include "attention/attention_wmma.cuh"
+#include "attention/attention_wmma_backward.cuh"
 
 namespace torchfast {
 namespace {
 
-// Whether the tensor-core forward takes this call (TORCHFAST_ATTENTION_WMMA=0 turns it off).
-bool use_wmma_forward(const at::Tensor& q, const AttnShape& sh) {
-  static const bool enabled = [] {
-    const char* env = std::getenv("TORCHFAST_ATTENTION_WMMA");
-    return env == nullptr || std::string(env) != "0";
-  }();
+// Whether a tensor-core kernel can take this call: fp16/bf16, equal head dims of 32, 64 or 128,
+// sm_80+.
+bool wmma_shape(const at::Tensor& q, const AttnShape& sh) {
   const bool reduced = q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
   const bool dims = sh.D == sh.Dv && (sh.D == 32 || sh.D == 64 || sh.D == 128);
-  return enabled && reduced && dims && at::cuda::getCurrentDeviceProperties()->major >= 8;
+  return reduced && dims && at::cuda::getCurrentDeviceProperties()->major >= 8;
+}
+
+bool env_flag(const char* name, bool fallback) {
+  const char* env = std::getenv(name);
+  return env == nullptr ? fallback : std::string(env) != "0";
+}
+
+// The tensor-core forward is on unless TORCHFAST_ATTENTION_WMMA=0. The tensor-core backward is off
+// unless TORCHFAST_ATTENTION_WMMA_BACKWARD=1, until it has been checked on a GPU. Read per call (a
+// getenv is nothing beside a kernel launch), so that a test or benchmark can switch them.
+bool use_wmma_forward(const at::Tensor& q, const AttnShape& sh) {
+  return env_flag("TORCHFAST_ATTENTION_WMMA", true) && wmma_shape(q, sh);
+}
+bool use_wmma_backward(const at::Tensor& q, const AttnShape& sh) {
+  return env_flag("TORCHFAST_ATTENTION_WMMA_BACKWARD", false) && wmma_shape(q, sh);
 }
 
 // Runs the tensor-core forward and returns true, or returns false (nothing launched) when its
@@ -309,6 +324,31 @@ bool launch_wmma_forward(const at::Tensor& q, const at::Tensor& k, const at::Ten
   if (dm.D == 32) return launch(wa::forward_kernel<scalar_t, 32>);
   if (dm.D == 64) return launch(wa::forward_kernel<scalar_t, 64>);
   return launch(wa::forward_kernel<scalar_t, 128>);
+}
+
+// Runs the tensor-core backward and returns true, or returns false (nothing launched) when its
+// kernel was not built for this GPU's arch.
+template <typename scalar_t>
+bool launch_wmma_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& mask, bool causal,
+                          const Dropout<float>& drop, float scale, const Dims& dm, at::Tensor& dq, at::Tensor& dk,
+                          at::Tensor& dv, cudaStream_t stream) {
+  namespace wa = wmma_attention;
+  const int64_t tiles = (dm.S + wa::kKeys - 1) / wa::kKeys;
+  const size_t smem = wa::BackwardLayout(static_cast<int>(dm.D)).total;
+  auto launch = [&](auto kernel) {
+    if (!wa::kernel_built_for_sm80(kernel)) return false;
+    allow_shared_memory(kernel, smem, dm.D, dm.Dv);
+    kernel<<<grid_size(dm.B * dm.H * tiles), wa::kThreads, smem, stream>>>(
+        rows_of<scalar_t>(dout), rows_of<scalar_t>(q), rows_of<scalar_t>(k), rows_of<scalar_t>(v),
+        lse.const_data_ptr<float>(), delta.const_data_ptr<float>(), mask_view<float>(mask), causal, drop, scale, dm,
+        tiles, dq.mutable_data_ptr<float>(), dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return true;
+  };
+  if (dm.D == 32) return launch(wa::backward_kernel<scalar_t, 32>);
+  if (dm.D == 64) return launch(wa::backward_kernel<scalar_t, 64>);
+  return launch(wa::backward_kernel<scalar_t, 128>);
 }
 
 // The limits of torchfast/ops/attention.py's CUDA_MAX_HEAD_DIM(_FP64): fp64 tiles of larger head
@@ -388,7 +428,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cuda(
     const int64_t tiles = (sh.S + kKeys - 1) / kKeys;
     const Dims dm{sh.B, sh.H, sh.L, sh.S, sh.D, sh.Dv};
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "flash_attention_backward_cuda", [&] {
+    bool launched = false;
+    if (use_wmma_backward(query, sh)) {
+      AT_DISPATCH_REDUCED_FLOATING_TYPES(dt, "flash_attention_backward_cuda_wmma", [&] {
+        launched = launch_wmma_backward<scalar_t>(dout, q, k, v, lse, delta, mask, is_causal,
+                                                  make_dropout<float>(dropout_p, seed), static_cast<float>(scale), dm,
+                                                  dq, dk, dv, stream);
+      });
+    }
+    if (!launched) AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "flash_attention_backward_cuda", [&] {
       using acc_t = acc_type_t<scalar_t>;
       const size_t smem = sizeof(acc_t) * (2 * kKeys * (sh.D + 1) + 2 * kKeys * (sh.Dv + 1) + kWarps * (sh.D + sh.Dv));
       with_head_dim_bucket(std::max(sh.D, sh.Dv), [&](auto nt) {

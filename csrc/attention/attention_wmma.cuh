@@ -85,6 +85,24 @@ __device__ void load_tile(N* tile, int ld, const N* base, int64_t row_stride, in
   }
 }
 
+// s (16 x kKeys fp32, leading dim ld_s) = a (16 x D) times b^T, b being kKeys rows of D: one warp's
+// scores (Q K^T in the forward; Q K^T and dO V^T in the backward). a and b have leading dim ld.
+template <typename N, int D>
+__device__ void warp_scores(float* s, int ld_s, const N* a, const N* b, int ld) {
+  for (int nb = 0; nb < kKeys / 16; ++nb) {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.f);
+    for (int kk = 0; kk < D; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, N, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, N, wmma::col_major> fbt;
+      wmma::load_matrix_sync(fa, a + kk, ld);
+      wmma::load_matrix_sync(fbt, b + (nb * 16) * ld + kk, ld);
+      wmma::mma_sync(acc, fa, fbt, acc);
+    }
+    wmma::store_matrix_sync(s + nb * 16, acc, ld_s, wmma::mem_row_major);
+  }
+}
+
 template <typename scalar_t, int D>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, MaskView<float> mask, bool causal,
@@ -118,19 +136,7 @@ __global__ void __launch_bounds__(kThreads)
     load_tile(v_s, lay.ld_h, reinterpret_cast<const N*>(v.at(b, h, 0)), v.ld, j0, kv_end, kKeys, D);
     __syncthreads();
 
-    // Scores: (16 x D) x (D x 64), four 16-column blocks.
-    for (int nb = 0; nb < kKeys / 16; ++nb) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fill_fragment(acc, 0.f);
-      for (int kk = 0; kk < D; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, N, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, N, wmma::col_major> bt;
-        wmma::load_matrix_sync(a, q_s + (warp * kRowsPerWarp) * lay.ld_h + kk, lay.ld_h);
-        wmma::load_matrix_sync(bt, k_s + (nb * 16) * lay.ld_h + kk, lay.ld_h);
-        wmma::mma_sync(acc, a, bt, acc);
-      }
-      wmma::store_matrix_sync(s_w + nb * 16, acc, lay.ld_s, wmma::mem_row_major);
-    }
+    warp_scores<N, D>(s_w, lay.ld_s, q_s + (warp * kRowsPerWarp) * lay.ld_h, k_s, lay.ld_h);
     __syncwarp();
 
     // Online softmax over this row's 64 scores (32 per lane).
