@@ -1,10 +1,9 @@
 // CUDA kernels of torchfast::bn_add_relu and torchfast::bn_add_relu_backward.
 //
-// Kept simple until a GPU has run them: one block per channel for the statistics and the
-// backward sums (two passes, block reductions in the compute type, combined in double), and
-// grid-stride element-wise kernels for the output and the input gradient, all through the math
-// shared with the CPU kernel (norm/bn_relu_math.h). Planar (N, C, S) reads are coalesced; packed
-// channels_last reads in the per-channel passes are strided (correct, not yet fast).
+// The statistics (two passes: mean, then squared deviations, as on the CPU) and the backward's
+// sums run as per-channel partial sums over a 2-D grid (chunks of rows x channels, coalesced in
+// both layouts) combined per channel in double; the output and the input gradient are grid-stride
+// element-wise kernels. All through the math shared with the CPU kernel (norm/bn_relu_math.h).
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
@@ -12,7 +11,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "common/cuda_reduce.cuh"
+#include <algorithm>
+#include <limits>
+
 #include "common/host_device.h"
 #include "norm/bn_relu_checks.h"
 #include "norm/bn_relu_layout.h"
@@ -28,38 +29,144 @@ struct Geometry {
   bool planar;
 };
 
-// Offset of element i (0 <= i < M) of channel c.
-__device__ inline int64_t channel_offset(const Geometry& g, int64_t c, int64_t i) {
-  return g.planar ? ((i / g.S) * g.C + c) * g.S + (i % g.S) : i * g.C + c;
-}
-
 // Channel of the element at flat offset `off`.
 __device__ inline int64_t channel_of(const Geometry& g, int64_t off) {
   return g.planar ? (off / g.S) % g.C : off % g.C;
 }
 
-__device__ inline double add_op(double a, double b) { return a + b; }
+// Per-channel sums, in two launches. channel_partials_kernel: a 2-D grid, blockIdx.y one chunk of
+// the M elements of a channel, blockIdx.x one channel (planar: the block's threads walk the
+// channel's contiguous runs) or 32 channels (packed: a warp reads 32 adjacent channels of one
+// row, coalesced, and the block's 8 warps take every 8th row); each block writes its K sums per
+// channel to partial[chunk][k][c] (double). channel_finalize_kernel adds the chunks per channel
+// and hands the K totals to `fin`. Enough blocks to fill the GPU for any C, and no strided reads.
+constexpr int kSumThreads = 256, kChannelLanes = 32, kRowLanes = kSumThreads / kChannelLanes;
 
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    stats_kernel(const scalar_t* x, Geometry g, double eps, acc_t* mean, acc_t* invstd, acc_t* var) {
-  const int64_t c = blockIdx.x;
-  acc_t s = 0;
-  for (int64_t i = threadIdx.x; i < g.M; i += blockDim.x) s += static_cast<acc_t>(x[channel_offset(g, c, i)]);
-  const double mu = block_reduce<kThreads>(static_cast<double>(s), add_op) / static_cast<double>(g.M);
-  acc_t q = 0;
-  const acc_t mu_a = static_cast<acc_t>(mu);
-  for (int64_t i = threadIdx.x; i < g.M; i += blockDim.x) {
-    const acc_t d = static_cast<acc_t>(x[channel_offset(g, c, i)]) - mu_a;
-    q += d * d;
+template <int K, typename Elem>
+__global__ void __launch_bounds__(kSumThreads)
+    channel_partials_kernel(Geometry g, int64_t chunk_len, Elem elem, double* partial) {
+  using acc_t = typename Elem::acc_t;
+  acc_t acc[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) acc[k] = acc_t(0);
+  const int64_t begin = static_cast<int64_t>(blockIdx.y) * chunk_len;
+  const int64_t end = begin + chunk_len < g.M ? begin + chunk_len : g.M;
+  const int lane = threadIdx.x % kChannelLanes, row_lane = threadIdx.x / kChannelLanes;
+  const int64_t c = g.planar ? static_cast<int64_t>(blockIdx.x)
+                             : static_cast<int64_t>(blockIdx.x) * kChannelLanes + lane;
+  if (g.planar) {
+    for (int64_t i = begin + threadIdx.x; i < end; i += kSumThreads) elem(((i / g.S) * g.C + c) * g.S + i % g.S, c, acc);
+  } else if (c < g.C) {
+    for (int64_t row = begin + row_lane; row < end; row += kRowLanes) elem(row * g.C + c, c, acc);
   }
-  const double v = block_reduce<kThreads>(static_cast<double>(q), add_op) / static_cast<double>(g.M);
-  if (threadIdx.x == 0) {
-    mean[c] = mu_a;
+  __shared__ double buf[K][kSumThreads];
+#pragma unroll
+  for (int k = 0; k < K; ++k) buf[k][threadIdx.x] = static_cast<double>(acc[k]);
+  __syncthreads();
+  double* out = partial + static_cast<int64_t>(blockIdx.y) * K * g.C;
+  if (g.planar) {  // all threads hold the one channel: a tree over the block
+    for (int stride = kSumThreads / 2; stride > 0; stride /= 2) {
+      if (threadIdx.x < stride)
+        for (int k = 0; k < K; ++k) buf[k][threadIdx.x] += buf[k][threadIdx.x + stride];
+      __syncthreads();
+    }
+    if (threadIdx.x == 0)
+      for (int k = 0; k < K; ++k) out[k * g.C + c] = buf[k][0];
+  } else if (row_lane == 0 && c < g.C) {  // the 8 row lanes of each channel
+    for (int k = 0; k < K; ++k) {
+      double t = 0;
+      for (int r = 0; r < kRowLanes; ++r) t += buf[k][r * kChannelLanes + lane];
+      out[k * g.C + c] = t;
+    }
+  }
+}
+
+template <int K, typename Fin>
+__global__ void channel_finalize_kernel(const double* partial, int64_t chunks, int64_t C, Fin fin) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  double t[K];
+  for (int k = 0; k < K; ++k) t[k] = 0;
+  for (int64_t ch = 0; ch < chunks; ++ch)
+    for (int k = 0; k < K; ++k) t[k] += partial[(ch * K + k) * C + c];
+  fin(c, t);
+}
+
+// Runs both launches (M > 0).
+template <int K, typename Elem, typename Fin>
+void channel_sums(const Geometry& g, const Elem& elem, const Fin& fin, const at::Tensor& like, cudaStream_t stream) {
+  const int64_t groups = g.planar ? g.C : (g.C + kChannelLanes - 1) / kChannelLanes;
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t min_chunk = g.planar ? 4 * kSumThreads : 8 * kRowLanes;  // elements (planar) or rows per block
+  int64_t chunks = std::min<int64_t>({(4 * sms + groups - 1) / groups, (g.M + min_chunk - 1) / min_chunk, 65535});
+  chunks = std::max<int64_t>(chunks, 1);
+  const int64_t len = (g.M + chunks - 1) / chunks;
+  chunks = (g.M + len - 1) / len;
+  TORCH_CHECK(groups <= std::numeric_limits<int>::max(), "torchfast.bn_add_relu: ", g.C, " channels exceed the CUDA grid");
+  const at::Tensor partial = at::empty({chunks, K, g.C}, like.options().dtype(at::kDouble));
+  channel_partials_kernel<K><<<dim3(static_cast<unsigned>(groups), static_cast<unsigned>(chunks)), kSumThreads, 0,
+                               stream>>>(g, len, elem, partial.mutable_data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  channel_finalize_kernel<K><<<static_cast<unsigned>((g.C + 255) / 256), 256, 0, stream>>>(
+      partial.const_data_ptr<double>(), chunks, g.C, fin);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Per-element contributions (Elem) and per-channel results (Fin) of the sums above.
+template <typename scalar_t, typename acc_type>
+struct SumInput {  // sum x
+  using acc_t = acc_type;
+  const scalar_t* x;
+  __device__ void operator()(int64_t off, int64_t, acc_t* acc) const { acc[0] += static_cast<acc_t>(x[off]); }
+};
+template <typename scalar_t, typename acc_type>
+struct SumSquaredDeviation {  // sum (x - mean)^2: the variance's second pass, as on the CPU
+  using acc_t = acc_type;
+  const scalar_t* x;
+  const acc_t* mean;
+  __device__ void operator()(int64_t off, int64_t c, acc_t* acc) const {
+    const acc_t d = static_cast<acc_t>(x[off]) - mean[c];
+    acc[0] += d * d;
+  }
+};
+template <typename scalar_t, typename acc_type>
+struct SumGradTerms {  // sum dy and sum dy * (x - mean), dy the ReLU-masked grad_out
+  using acc_t = acc_type;
+  const scalar_t *grad_out, *out, *x;
+  const acc_t* mean;
+  bool relu;
+  __device__ void operator()(int64_t off, int64_t c, acc_t* acc) const {
+    const acc_t dy = relu_backward(static_cast<acc_t>(grad_out[off]), static_cast<acc_t>(out[off]), relu);
+    acc[0] += dy;
+    acc[1] += dy * (static_cast<acc_t>(x[off]) - mean[c]);
+  }
+};
+template <typename acc_t>
+struct SetMean {
+  acc_t* mean;
+  int64_t M;
+  __device__ void operator()(int64_t c, const double* t) const { mean[c] = static_cast<acc_t>(t[0] / M); }
+};
+template <typename acc_t>
+struct SetVariance {
+  acc_t *var, *invstd;
+  int64_t M;
+  double eps;
+  __device__ void operator()(int64_t c, const double* t) const {
+    const double v = t[0] / M;
     var[c] = static_cast<acc_t>(v);
     invstd[c] = static_cast<acc_t>(1.0 / ::sqrt(v + eps));
   }
-}
+};
+template <typename acc_t>
+struct SetGradSums {
+  acc_t *sum_dy, *sum_dy_xhat;
+  const acc_t* invstd;
+  __device__ void operator()(int64_t c, const double* t) const {
+    sum_dy[c] = static_cast<acc_t>(t[0]);
+    sum_dy_xhat[c] = static_cast<acc_t>(t[1] * static_cast<double>(invstd[c]));
+  }
+};
 
 template <typename acc_t>
 __global__ void eval_stats_kernel(const acc_t* running_mean, const acc_t* running_var, int64_t C, double eps,
@@ -82,27 +189,6 @@ __global__ void apply_kernel(const scalar_t* x, const scalar_t* residual, scalar
     const acc_t t = (bias ? bias[c] : acc_t(0)) - mean[c] * k;
     const acc_t r = residual ? static_cast<acc_t>(residual[i]) : acc_t(0);
     out[i] = static_cast<scalar_t>(bn_add_relu_forward(static_cast<acc_t>(x[i]), r, k, t, relu));
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    backward_sums_kernel(const scalar_t* grad_out, const scalar_t* out, const scalar_t* x, Geometry g,
-                         const acc_t* mean, const acc_t* invstd, bool relu, acc_t* sum_dy, acc_t* sum_dy_xhat) {
-  const int64_t c = blockIdx.x;
-  const acc_t mu = mean[c];
-  acc_t s0 = 0, s1 = 0;
-  for (int64_t i = threadIdx.x; i < g.M; i += blockDim.x) {
-    const int64_t off = channel_offset(g, c, i);
-    const acc_t dy = relu_backward(static_cast<acc_t>(grad_out[off]), static_cast<acc_t>(out[off]), relu);
-    s0 += dy;
-    s1 += dy * (static_cast<acc_t>(x[off]) - mu);
-  }
-  const double t0 = block_reduce<kThreads>(static_cast<double>(s0), add_op);
-  const double t1 = block_reduce<kThreads>(static_cast<double>(s1), add_op);
-  if (threadIdx.x == 0) {
-    sum_dy[c] = static_cast<acc_t>(t0);
-    sum_dy_xhat[c] = static_cast<acc_t>(t1 * static_cast<double>(invstd[c]));
   }
 }
 
@@ -152,11 +238,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_add_relu_cuda", [&] {
     using acc_t = acc_type_t<scalar_t>;
     if (training) {
-      if (sh.M > 0) {
-        stats_kernel<scalar_t, acc_t><<<sh.C, kThreads, 0, stream>>>(
-            x.const_data_ptr<scalar_t>(), g, eps, mean.mutable_data_ptr<acc_t>(), invstd.mutable_data_ptr<acc_t>(),
-            var.mutable_data_ptr<acc_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (sh.M > 0) {  // two passes (mean, then squared deviations), as on the CPU
+        const scalar_t* xp = x.const_data_ptr<scalar_t>();
+        acc_t* mp = mean.mutable_data_ptr<acc_t>();
+        channel_sums<1>(g, SumInput<scalar_t, acc_t>{xp}, SetMean<acc_t>{mp, sh.M}, x, stream);
+        channel_sums<1>(g, SumSquaredDeviation<scalar_t, acc_t>{xp, mp},
+                        SetVariance<acc_t>{var.mutable_data_ptr<acc_t>(), invstd.mutable_data_ptr<acc_t>(), sh.M, eps},
+                        x, stream);
       }
     } else {
       eval_stats_kernel<acc_t><<<(sh.C + 255) / 256, 256, 0, stream>>>(
@@ -190,11 +278,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_backward_
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_add_relu_backward_cuda", [&] {
     using acc_t = acc_type_t<scalar_t>;
-    backward_sums_kernel<scalar_t, acc_t><<<sh.C, kThreads, 0, stream>>>(
-        g_out.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), g,
-        mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), relu, gb.mutable_data_ptr<acc_t>(),
-        gw.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (sh.M == 0) {
+      gb.zero_();
+      gw.zero_();
+    } else {
+      channel_sums<2>(g,
+                      SumGradTerms<scalar_t, acc_t>{g_out.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(),
+                                                    x.const_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(), relu},
+                      SetGradSums<acc_t>{gb.mutable_data_ptr<acc_t>(), gw.mutable_data_ptr<acc_t>(),
+                                         invstd.const_data_ptr<acc_t>()},
+                      x, stream);
+    }
     if (x.numel() > 0) {
       input_grad_kernel<scalar_t, acc_t><<<elementwise_blocks(x.numel()), kThreads, 0, stream>>>(
           g_out.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), g,
