@@ -189,6 +189,8 @@ def test_nan_inputs_propagate_like_torch(dtype, device):
     k, v = (torch.randn(1, 1, 600, 16, device=device, dtype=dtype) for _ in range(2))
     q[0, 0, 2, 0] = float("nan")
     assert tf_sdpa(q, k, v).isnan().any(-1).flatten().tolist() == [False, False, True, False]
+    reference = ref.flash_attention(q, k, v, None, False, 0.25, 0.0, None)[0]  # the fallback path agrees
+    assert reference.isnan().any(-1).flatten().tolist() == [False, False, True, False]
     k[0, 0, 550, 3] = float("nan")
     qg = q.clone().requires_grad_()
     out = tf_sdpa(qg, k, v)

@@ -248,6 +248,12 @@ void with_head_dim_bucket(int64_t width, const F& f) {
   }
 }
 
+// Whether a block may use `bytes` of shared memory on this GPU (the tensor-core kernels' D = 128
+// tiles exceed what sm_86/89 offer, and the backward's what sm_80 offers: those use the scalar ones).
+bool fits_shared_memory(size_t bytes) {
+  return bytes <= at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+}
+
 template <typename Kernel>
 void allow_shared_memory(Kernel kernel, size_t bytes, int64_t D, int64_t Dv) {
   const auto* prop = at::cuda::getCurrentDeviceProperties();
@@ -304,7 +310,7 @@ bool use_wmma_backward(const at::Tensor& q, const AttnShape& sh) {
 }
 
 // Runs the tensor-core forward and returns true, or returns false (nothing launched) when its
-// kernel was not built for this GPU's arch.
+// kernel was not built for this GPU's arch or its tiles do not fit the GPU's shared memory.
 template <typename scalar_t>
 bool launch_wmma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
                          bool causal, const Dropout<float>& drop, float scale, const Dims& dm, at::Tensor& out,
@@ -313,7 +319,7 @@ bool launch_wmma_forward(const at::Tensor& q, const at::Tensor& k, const at::Ten
   const int64_t tiles = (dm.L + wa::kRows - 1) / wa::kRows;
   const size_t smem = wa::Layout(static_cast<int>(dm.D)).total;
   auto launch = [&](auto kernel) {
-    if (!wa::kernel_built_for_sm80(kernel)) return false;
+    if (!wa::kernel_built_for_sm80(kernel) || !fits_shared_memory(smem)) return false;
     allow_shared_memory(kernel, smem, dm.D, dm.Dv);
     kernel<<<grid_size(dm.B * dm.H * tiles), wa::kThreads, smem, stream>>>(
         rows_of<scalar_t>(q), rows_of<scalar_t>(k), rows_of<scalar_t>(v), mask_view<float>(mask), causal, drop, scale,
@@ -327,7 +333,7 @@ bool launch_wmma_forward(const at::Tensor& q, const at::Tensor& k, const at::Ten
 }
 
 // Runs the tensor-core backward and returns true, or returns false (nothing launched) when its
-// kernel was not built for this GPU's arch.
+// kernel was not built for this GPU's arch or its tiles do not fit the GPU's shared memory.
 template <typename scalar_t>
 bool launch_wmma_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& mask, bool causal,
@@ -337,7 +343,7 @@ bool launch_wmma_backward(const at::Tensor& dout, const at::Tensor& q, const at:
   const int64_t tiles = (dm.S + wa::kKeys - 1) / wa::kKeys;
   const size_t smem = wa::BackwardLayout(static_cast<int>(dm.D)).total;
   auto launch = [&](auto kernel) {
-    if (!wa::kernel_built_for_sm80(kernel)) return false;
+    if (!wa::kernel_built_for_sm80(kernel) || !fits_shared_memory(smem)) return false;
     allow_shared_memory(kernel, smem, dm.D, dm.Dv);
     kernel<<<grid_size(dm.B * dm.H * tiles), wa::kThreads, smem, stream>>>(
         rows_of<scalar_t>(dout), rows_of<scalar_t>(q), rows_of<scalar_t>(k), rows_of<scalar_t>(v),

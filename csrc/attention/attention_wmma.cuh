@@ -202,7 +202,7 @@ __global__ void __launch_bounds__(kThreads)
 #endif
 }
 
-// Whether `kernel`'s binary on this device was compiled for sm_80 or newer (it has a body).
+// Whether `kernel`'s code on this device was compiled for sm_80 or newer (it has a body).
 template <typename Kernel>
 bool kernel_built_for_sm80(Kernel kernel) {
   cudaFuncAttributes attr;
@@ -210,7 +210,9 @@ bool kernel_built_for_sm80(Kernel kernel) {
     (void)cudaGetLastError();  // clear the sticky error of the query
     return false;
   }
-  return attr.binaryVersion >= 80;
+  // binaryVersion alone is not enough: code JIT-compiled from an older PTX reports the device's
+  // arch, yet its body is the pre-sm_80 trap.
+  return attr.ptxVersion >= 80 && attr.binaryVersion >= 80;
 }
 
 }  // namespace wmma_attention

@@ -2,7 +2,7 @@
 // flash-attention 2's order: a block of 4 warps owns a tile of 64 keys (K, V staged in shared
 // memory, their dK and dV accumulated there in fp32) and walks the query tiles of 64 rows that can
 // see them. Per query tile each warp recomputes its 16 rows' scores (Q K^T) and the probabilities
-// from the saved logsumexp, computes dP = dO V^T, and writes P (with dropout applied) and
+// from the saved logsumexp, computes dP = dO V^T, and writes P (dropped entries 0) and
 // dS = P * (dP - delta) as fp16/bf16; then the block adds P^T dO into dV and dS^T Q into dK (each
 // warp owns 16 of the keys), and each warp adds its rows' dS K into the fp32 dQ with atomics.
 // Nothing of size L x S is stored. Included by attention_cuda.cu after attention_wmma.cuh; the
@@ -131,16 +131,19 @@ __global__ void __launch_bounds__(kThreads)
       const int col = side * 32 + c;
       const int64_t j = j0 + col;
       const bool live = row_live && j < dm.S && (!causal || j <= i);
+      const bool kept = !drop.on || dropout_bits(row_key, j) >= drop.threshold;
       // z: the forward's dropout factor for (i, j) (0, or 1 / (1 - p) for a kept probability)
-      const float z = drop.on && dropout_bits(row_key, j) < drop.threshold ? 0.f : (drop.on ? drop.keep_scale : 1.f);
+      const float z = kept ? (drop.on ? drop.keep_scale : 1.f) : 0.f;
       // Past the causal limit or the key count, dP may hold anything (even 0 x Inf): dS is 0 there.
       const float ds = live ? pv[c] * (s_w[r * lay.ld_s + col] * z - delta_i) : 0.f;
-      p_s[row * lay.ld_p + col] = from_float<N>(pv[c] * z);
+      // P is stored without 1 / (1 - p) (in fp16 it could overflow); dV gets that factor at the end.
+      p_s[row * lay.ld_p + col] = from_float<N>(kept ? pv[c] : 0.f);
       ds_s[row * lay.ld_p + col] = from_float<N>(ds);
     }
     __syncthreads();  // P and dS of all 64 rows are in place
 
-    // This warp's 16 keys: dV += P^T dO, dK += dS^T Q (dK is scaled once, at the end).
+    // This warp's 16 keys: dV += P^T dO, dK += dS^T Q (dV takes the dropout scale and dK the softmax
+    // scale once, at the end).
     const int key0 = warp * kRowsPerWarp;
     warp_add_transposed_product<N, D>(dv_s + key0 * lay.ld_o, lay.ld_o, p_s + key0, lay.ld_p, do_s, lay.ld_h);
     warp_add_transposed_product<N, D>(dk_s + key0 * lay.ld_o, lay.ld_o, ds_s + key0, lay.ld_p, q_s, lay.ld_h);
@@ -170,10 +173,11 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
   const int64_t n = dm.S - j0 < kKeys ? dm.S - j0 : kKeys;
+  const float dv_scale = drop.on ? drop.keep_scale : 1.f;
   for (int e = threadIdx.x; e < n * D; e += blockDim.x) {
     const int jj = e / D, d = e % D;
     dk[(bh * dm.S + j0 + jj) * D + d] = static_cast<scalar_t>(dk_s[jj * lay.ld_o + d] * scale);
-    dv[(bh * dm.S + j0 + jj) * D + d] = static_cast<scalar_t>(dv_s[jj * lay.ld_o + d]);
+    dv[(bh * dm.S + j0 + jj) * D + d] = static_cast<scalar_t>(dv_s[jj * lay.ld_o + d] * dv_scale);
   }
 #else
   __trap();  // never launched: the host checks the kernel was built for sm_80+ (kernel_built_for_sm80)

@@ -55,10 +55,11 @@ def flash_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Option
         visible = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1) if S > 0 else scores.new_full((B, H, L), float("-inf"))
-    finite = torch.isfinite(lse)
     # A fully masked row has lse = -inf: its probabilities are 0 rather than exp(-inf + inf) = NaN.
-    probs = torch.exp(scores - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1))
-    probs = torch.where(finite.unsqueeze(-1), probs, torch.zeros_like(probs))
+    # (A NaN score leaves lse NaN, and the row NaN, as in torch and the kernels.)
+    dead = lse == float("-inf")
+    probs = torch.exp(scores - torch.where(dead, torch.zeros_like(lse), lse).unsqueeze(-1))
+    probs = torch.where(dead.unsqueeze(-1), torch.zeros_like(probs), probs)
     if dropout_p > 0.0:
         keep = dropout_keep_mask(int(rng_seed.item()), B, H, L, S, dropout_p, device=q.device)
         factor = 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
