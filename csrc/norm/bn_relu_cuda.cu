@@ -29,9 +29,21 @@ struct Geometry {
   bool planar;
 };
 
-// Channel of the element at flat offset `off`.
-__device__ inline int64_t channel_of(const Geometry& g, int64_t off) {
-  return g.planar ? (off / g.S) % g.C : off % g.C;
+// Channel of the element at flat offset `off`. The element-wise kernels index in 32 bits when the
+// tensor allows (a 64-bit division costs several times a 32-bit one, per element).
+template <typename index_t>
+__device__ inline index_t channel_of(const Geometry& g, index_t off) {
+  return g.planar ? (off / static_cast<index_t>(g.S)) % static_cast<index_t>(g.C) : off % static_cast<index_t>(g.C);
+}
+
+template <typename F>
+void with_index_type(int64_t numel, const F& f) {
+  // below 2^31 the grid-stride increment (at most 65535 x 512) cannot wrap a uint32_t
+  if (numel < (int64_t(1) << 31)) {
+    f(uint32_t{});
+  } else {
+    f(int64_t{});
+  }
 }
 
 // Per-channel sums, in two launches. channel_partials_kernel: a 2-D grid, blockIdx.y one chunk of
@@ -178,13 +190,13 @@ __global__ void eval_stats_kernel(const acc_t* running_mean, const acc_t* runnin
   invstd[c] = static_cast<acc_t>(1.0 / ::sqrt(static_cast<double>(running_var[c]) + eps));
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void apply_kernel(const scalar_t* x, const scalar_t* residual, scalar_t* out, Geometry g, int64_t numel,
                              const acc_t* mean, const acc_t* invstd, const acc_t* weight, const acc_t* bias,
                              bool relu) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = channel_of(g, i);
+  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < static_cast<index_t>(numel);
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t c = channel_of(g, i);
     const acc_t k = (weight ? weight[c] : acc_t(1)) * invstd[c];
     const acc_t t = (bias ? bias[c] : acc_t(0)) - mean[c] * k;
     const acc_t r = residual ? static_cast<acc_t>(residual[i]) : acc_t(0);
@@ -192,15 +204,15 @@ __global__ void apply_kernel(const scalar_t* x, const scalar_t* residual, scalar
   }
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void input_grad_kernel(const scalar_t* grad_out, const scalar_t* out, const scalar_t* x, Geometry g,
                                   int64_t numel, const acc_t* mean, const acc_t* invstd, const acc_t* weight,
                                   const acc_t* sum_dy, const acc_t* sum_dy_xhat, bool training, bool relu,
                                   scalar_t* grad_input, scalar_t* grad_residual) {
   const acc_t inv_m = g.M > 0 ? acc_t(1) / static_cast<acc_t>(g.M) : acc_t(0);
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = channel_of(g, i);
+  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < static_cast<index_t>(numel);
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t c = channel_of(g, i);
     const acc_t dy = relu_backward(static_cast<acc_t>(grad_out[i]), static_cast<acc_t>(out[i]), relu);
     const acc_t k = (weight ? weight[c] : acc_t(1)) * invstd[c];
     grad_input[i] = static_cast<scalar_t>(bn_input_grad(dy, static_cast<acc_t>(x[i]), mean[c], invstd[c], k,
@@ -253,11 +265,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (x.numel() > 0) {
-      apply_kernel<scalar_t, acc_t><<<elementwise_blocks(x.numel()), kThreads, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), res.defined() ? res.const_data_ptr<scalar_t>() : nullptr,
-          out.mutable_data_ptr<scalar_t>(), g, x.numel(), mean.const_data_ptr<acc_t>(),
-          invstd.const_data_ptr<acc_t>(), opt_ptr<acc_t>(w), opt_ptr<acc_t>(b), relu);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      with_index_type(x.numel(), [&](auto index) {
+        apply_kernel<scalar_t, acc_t, decltype(index)><<<elementwise_blocks(x.numel()), kThreads, 0, stream>>>(
+            x.const_data_ptr<scalar_t>(), res.defined() ? res.const_data_ptr<scalar_t>() : nullptr,
+            out.mutable_data_ptr<scalar_t>(), g, x.numel(), mean.const_data_ptr<acc_t>(),
+            invstd.const_data_ptr<acc_t>(), opt_ptr<acc_t>(w), opt_ptr<acc_t>(b), relu);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     }
   });
   return {out, mean, invstd, var};
@@ -290,12 +304,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_backward_
                       x, stream);
     }
     if (x.numel() > 0) {
-      input_grad_kernel<scalar_t, acc_t><<<elementwise_blocks(x.numel()), kThreads, 0, stream>>>(
-          g_out.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), g,
-          x.numel(), mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), opt_ptr<acc_t>(w),
-          gb.const_data_ptr<acc_t>(), gw.const_data_ptr<acc_t>(), training, relu, gx.mutable_data_ptr<scalar_t>(),
-          has_residual ? gres.mutable_data_ptr<scalar_t>() : nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      with_index_type(x.numel(), [&](auto index) {
+        input_grad_kernel<scalar_t, acc_t, decltype(index)><<<elementwise_blocks(x.numel()), kThreads, 0, stream>>>(
+            g_out.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), g,
+            x.numel(), mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), opt_ptr<acc_t>(w),
+            gb.const_data_ptr<acc_t>(), gw.const_data_ptr<acc_t>(), training, relu, gx.mutable_data_ptr<scalar_t>(),
+            has_residual ? gres.mutable_data_ptr<scalar_t>() : nullptr);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     }
   });
   return {gx, gw, gb, gres};
