@@ -21,6 +21,21 @@ def test_attention_bench_cli_writes_tables_and_json(tmp_path, capsys):
     assert rows[("fwd", "torch SDPA")]["vs_sdpa"] == pytest.approx(1.0)
 
 
+def test_norm_report_rows_dtype_and_layouts():
+    import torch
+    from torchfast import bench
+    rows = bench.norm_report(rounds=1, warmup=0, batch=2, channels=8, size=4, dtype=torch.bfloat16,
+                             with_compile=False)
+    by = {(r["bench"], r["impl"]): r for r in rows}
+    for label in ("BN+add+ReLU fwd+bwd", "BN+add+ReLU fwd+bwd, channels_last"):
+        eager, ours = by[(label, "eager")], by[(label, "torchfast")]
+        assert eager["ratio"] == 1.0 and ours["median_ms"] > 0
+        # 11 passes of 2-byte elements
+        assert ours["GB/s"] == pytest.approx(11 * 2 * 8 * 16 * 2 / (ours["median_ms"] * 1e-3) / 1e9)
+    assert ("ResidualBlock train step", "torchfast ResidualBlock, channels_last in") in by
+    assert ("ResidualBlock inference", "torchfast ResidualBlock") in by
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU memory probe reads /proc")
 def test_flash_memory_grows_linearly_and_eager_quadratically():
     flash = [ba.peak_memory("torchfast", 2, 2, L, 32) for L in (512, 2048)]

@@ -169,40 +169,44 @@ def format_clip_table(rows) -> str:
     return "\n".join(lines)
 
 
-def norm_report(device="cpu", rounds=10, warmup=2, batch=32, channels=64, size=32):
-    """BN + add + ReLU forward+backward (fused vs eager), and the ResidualBlock train step and
-    inference against the cheat sheet's block (eager, channels_last, torch.compile)."""
+def norm_report(device="cpu", rounds=10, warmup=2, batch=32, channels=64, size=32, dtype=torch.float32,
+                with_compile=True):
+    """BN + add + ReLU forward+backward (fused vs eager; contiguous and channels_last), and the
+    ResidualBlock train step and inference against the cheat sheet's block (eager, channels_last,
+    and torch.compile unless with_compile=False). Inputs and modules in `dtype`."""
     torch.manual_seed(0)
-    x = torch.randn(batch, channels, size, size, device=device)
+    x = torch.randn(batch, channels, size, size, device=device, dtype=dtype)
     residual = torch.randn_like(x)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
     rows = []
 
-    bn = torch.nn.BatchNorm2d(channels).to(device)
-    fused_bn = torchfast.nn.BatchNormAddReLU2d(channels).to(device)
+    bn = torch.nn.BatchNorm2d(channels).to(device, dtype)
+    fused_bn = torchfast.nn.BatchNormAddReLU2d(channels).to(device, dtype)
 
-    def eager_bn():
-        xi, ri = x.detach().requires_grad_(), residual.detach().requires_grad_()
-        torch.relu(bn(xi) + ri).backward(torch.ones_like(xi))
+    def bn_step(module, inp, res, fused):
+        def run():
+            xi, ri = inp.detach().requires_grad_(), res.detach().requires_grad_()
+            out = module(xi, ri) if fused else torch.relu(module(xi) + ri)
+            out.backward(torch.ones_like(out))
+        return run
 
-    def fused():
-        xi, ri = x.detach().requires_grad_(), residual.detach().requires_grad_()
-        fused_bn(xi, ri).backward(torch.ones_like(xi))
-
-    med = _interleaved_medians({"eager": eager_bn, "torchfast": fused}, device, rounds, warmup)
     # bytes: forward reads x twice (stats) + x, r and writes out; backward reads g, out, x twice and
-    # writes dx, dr: 11 tensors of 4 B per element
-    nbytes = 11 * x.numel() * 4
-    for impl in ("eager", "torchfast"):
-        rows.append({"bench": "BN+add+ReLU fwd+bwd", "impl": impl, "median_ms": med[impl] * 1e3,
-                     "GB/s": nbytes / med[impl] / 1e9, "ratio": med[impl] / med["eager"]})
+    # writes dx, dr: 11 tensor passes
+    nbytes = 11 * x.numel() * x.element_size()
+    residual_cl = residual.contiguous(memory_format=torch.channels_last)
+    for label, inp, res in (("", x, residual), (", channels_last", x_cl, residual_cl)):
+        med = _interleaved_medians({"eager": bn_step(bn, inp, res, False), "torchfast": bn_step(fused_bn, inp, res, True)},
+                                   device, rounds, warmup)
+        for impl in ("eager", "torchfast"):
+            rows.append({"bench": f"BN+add+ReLU fwd+bwd{label}", "impl": impl, "median_ms": med[impl] * 1e3,
+                         "GB/s": nbytes / med[impl] / 1e9, "ratio": med[impl] / med["eager"]})
 
-    seed = plain.ResidualBlock(channels).to(device)
-    ours = torchfast.nn.ResidualBlock(channels).to(device)
+    seed = plain.ResidualBlock(channels).to(device, dtype)
+    ours = torchfast.nn.ResidualBlock(channels).to(device, dtype)
     ours.load_state_dict(seed.state_dict())
-    seed_cl = plain.ResidualBlock(channels).to(device).to(memory_format=torch.channels_last)
+    seed_cl = plain.ResidualBlock(channels).to(device, dtype).to(memory_format=torch.channels_last)
     seed_cl.load_state_dict(seed.state_dict())
-    x_cl = x.contiguous(memory_format=torch.channels_last)
-    compiled_block = plain.ResidualBlock(channels).to(device)
+    compiled_block = plain.ResidualBlock(channels).to(device, dtype)
     compiled_block.load_state_dict(seed.state_dict())
     compiled = torch.compile(compiled_block)
 
@@ -215,7 +219,8 @@ def norm_report(device="cpu", rounds=10, warmup=2, batch=32, channels=64, size=3
     fns = {"seed block (eager)": train_step(seed, x), "torchfast ResidualBlock": train_step(ours, x),
            "seed block, channels_last": train_step(seed_cl, x_cl),
            "torchfast ResidualBlock, channels_last in": train_step(ours, x_cl)}
-    fns["seed block, torch.compile"] = train_step(compiled, x)
+    if with_compile:
+        fns["seed block, torch.compile"] = train_step(compiled, x)
     med = _interleaved_medians(fns, device, rounds, warmup)
     for impl, t in med.items():
         rows.append({"bench": "ResidualBlock train step", "impl": impl, "median_ms": t * 1e3, "GB/s": float("nan"),

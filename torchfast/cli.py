@@ -60,10 +60,14 @@ def _bench(args) -> int:
               "clipped Adam: 32 B/param).\n")
         print(bench.format_clip_table(rows) + "\n")
     if "norm" in args.suites:
-        rows = report["norm"] = bench.norm_report(device=device, rounds=max(5, args.rounds // 2))
-        print(f"Batch norm + add + ReLU (batch 32, 64 channels, 32x32, fp32) and the cheat sheet's ResidualBlock, "
-              f"{device} ({where}), median of {max(5, args.rounds // 2)} interleaved rounds; GB/s counts 11 "
-              "tensor passes of 4 B per element for the fused BN forward+backward.\n")
+        n, c, hw = args.norm_shape or ((128, 64, 56) if device == "cuda" else (32, 64, 32))
+        name = args.norm_dtype or ("bf16" if device == "cuda" else "fp32")
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+        rows = report["norm"] = bench.norm_report(device=device, rounds=max(5, args.rounds // 2), batch=n,
+                                                  channels=c, size=hw, dtype=dtype)
+        print(f"Batch norm + add + ReLU (batch {n}, {c} channels, {hw}x{hw}, {name}) and the cheat sheet's "
+              f"ResidualBlock, {device} ({where}), median of {max(5, args.rounds // 2)} interleaved rounds; GB/s "
+              f"counts 11 tensor passes of {dtype.itemsize} B per element for the BN forward+backward.\n")
         print(bench.format_norm_table(rows) + "\n")
     if "attention" in args.suites:
         from torchfast import bench_attention as ba
@@ -158,6 +162,10 @@ def main(argv=None) -> int:
                          help="lengths for the peak-memory table (default: 512 2048 8192; CUDA 1024 4096 16384)")
     p_bench.add_argument("--attn-head-dims", nargs="+", type=int, default=[64])
     p_bench.add_argument("--attn-dtype", choices=["fp32", "bf16", "fp16"], help="default: fp32 on the CPU, bf16 on CUDA")
+    p_bench.add_argument("--norm-shape", nargs=3, type=int, metavar=("N", "C", "HW"),
+                         help="batch norm / ResidualBlock input (N, C, HW, HW); default: 32 64 32 on the CPU, "
+                              "128 64 56 on CUDA")
+    p_bench.add_argument("--norm-dtype", choices=["fp32", "bf16", "fp16"], help="default: fp32 on the CPU, bf16 on CUDA")
     p_bench.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     p_train = sub.add_parser("train", help="train ComplexNetwork (fused layers) on scikit-learn's digits")
     p_train.add_argument("--out", help="run directory (default: runs/<timestamp>)")
