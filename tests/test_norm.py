@@ -335,3 +335,111 @@ def test_backward_with_broadcast_grad(layout, device):
         torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ra.grad, rb.grad, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_double_backward_matches_torch(device):
+    """create_graph=True (a gradient penalty): the second-order gradients go through the reference."""
+    require_kernel("bn_add_relu", device)
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5, device=device, dtype=torch.float64)
+    r = torch.randn_like(x)
+    plain, fused = nn.BatchNorm2d(3).to(device).double(), torchfast.nn.BatchNormAddReLU2d(3).to(device).double()
+    with torch.no_grad():
+        plain.weight.uniform_(0.5, 2)
+    fused.load_state_dict(plain.state_dict())
+    results = []
+    for training in (True, False):
+        for m, call in ((plain, lambda xi, ri: torch.relu(plain(xi) + ri)), (fused, fused)):
+            m.train(training)
+            xi, ri = x.clone().requires_grad_(), r.clone().requires_grad_()
+            gx, = torch.autograd.grad(call(xi, ri).pow(2).sum(), xi, create_graph=True)
+            penalty = gx.pow(2).sum()
+            results.append(torch.autograd.grad(penalty, (xi, ri, m.weight, m.bias)))
+    for theirs, ours in ((results[0], results[1]), (results[2], results[3])):
+        for a, b in zip(theirs, ours):
+            torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-7)
+    w, b = (torch.rand(3, device=device, dtype=torch.float64, requires_grad=True) + 0.5 for _ in range(2))
+    fn = lambda x, w, b, r: torch.ops.torchfast.bn_add_relu(x, w, b, r, None, None, True, 1e-5, True)[0]
+    xs = (torch.randn(3, 3, 2, 2, device=device, dtype=torch.float64, requires_grad=True), w, b,
+          torch.randn(3, 3, 2, 2, device=device, dtype=torch.float64, requires_grad=True))
+    assert torch.autograd.gradgradcheck(fn, xs)
+
+
+def test_empty_batch_keeps_running_statistics(device):
+    for module in (torchfast.nn.BatchNormReLU2d(4), torchfast.nn.ResidualBlock(4)):
+        module.to(device)
+        bns = [module] if isinstance(module, nn.BatchNorm2d) else [module.bn1, module.bn2]
+        for bn in bns:
+            bn.running_mean.fill_(1.0)
+            bn.running_var.fill_(2.0)
+        for _ in range(3):
+            assert module(torch.randn(0, 4, 3, 3, device=device)).shape == (0, 4, 3, 3)
+        for bn in bns:
+            assert bn.running_mean.eq(1.0).all() and bn.running_var.eq(2.0).all()
+            assert int(bn.num_batches_tracked) == 3  # as torch counts them
+
+
+def test_wrong_running_stat_size_fails_before_updating():
+    bn = torchfast.nn.BatchNormReLU2d(6, affine=False)
+    with pytest.raises(RuntimeError, match=r"running_mean should contain 4 elements not 6"):
+        bn(torch.randn(2, 4, 3, 3))
+    assert bn.running_mean.eq(0).all() and bn.running_var.eq(1).all()
+
+
+def test_modules_built_under_inference_mode(device):
+    with torch.inference_mode():
+        theirs, ours = SeedResidualBlock(4).to(device).eval(), torchfast.nn.ResidualBlock(4).to(device).eval()
+        ours.load_state_dict(theirs.state_dict())
+        x = torch.randn(2, 4, 5, 5, device=device)
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+        conv = torchfast.nn.ConvBNReLU2d(4, 3, 3).to(device).eval()
+        assert conv(x).shape == (2, 3, 3, 3)
+
+
+@pytest.mark.parametrize("kind", ["compile", "export"])
+def test_eval_no_grad_compiles_and_exports(kind, device):
+    torch.manual_seed(0)
+    theirs, ours = SeedResidualBlock(8).to(device).eval(), torchfast.nn.ResidualBlock(8).to(device).eval()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 8, 6, 6, device=device)
+    with torch.no_grad():
+        ours(x)  # a cached fold exists before tracing: tracing must not read it
+        if kind == "compile":
+            y = torch.compile(ours, fullgraph=True, backend="aot_eager")(x)
+        else:
+            y = torch.export.export(ours, (x,)).module()(x)
+        torch.testing.assert_close(y, theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_hooks_autocast_and_sync_batchnorm_take_the_plain_path():
+    torch.manual_seed(0)
+    theirs, ours = SeedResidualBlock(4), torchfast.nn.ResidualBlock(4)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 4, 5, 5)
+    for train in (True, False):
+        seen = []
+        handles = [m.register_forward_hook(lambda mod, i, o, name=name: seen.append(name))
+                   for name, m in ours.named_children()]
+        theirs.train(train)
+        ours.train(train)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+        assert sorted(set(seen)) == ["bn1", "bn2", "conv1", "conv2", "relu"], (train, seen)
+        for h in handles:
+            h.remove()
+    theirs.eval()
+    ours.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        conv = torchfast.nn.ConvBNReLU2d(4, 4, 3).eval()
+        assert ours(x).dtype == theirs(x).dtype == torch.bfloat16
+        assert conv(x).dtype == torch.bfloat16
+    # convert_sync_batchnorm keeps the fused layers' ReLU / residual and the state_dict keys
+    model = nn.Sequential(torchfast.nn.BatchNormReLU2d(4), torchfast.nn.ResidualBlock(4))
+    synced = torchfast.nn.convert_sync_batchnorm(model)
+    assert type(synced[0]) is torchfast.nn.SyncBatchNormReLU2d and isinstance(synced[1].bn1, nn.SyncBatchNorm)
+    assert synced.state_dict().keys() == model.state_dict().keys()
+    # the block runs its converted batch norms as submodules, as the converted seed block does
+    seed_synced = nn.SyncBatchNorm.convert_sync_batchnorm(SeedResidualBlock(4))
+    seed_synced.load_state_dict(synced[1].state_dict())
+    torch.testing.assert_close(synced[1](x), seed_synced(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(synced[1].bn1.running_mean, seed_synced.bn1.running_mean)

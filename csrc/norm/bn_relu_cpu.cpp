@@ -292,6 +292,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_cpu(
     const std::optional<at::Tensor>& running_var, bool training, double eps, bool relu) {
   check_bn_args("torchfast.bn_add_relu", input, weight, bias, residual, running_mean, running_var, training);
   BnForward f = prepare_bn_forward(input, weight, bias, residual, running_mean, running_var);
+  if (training && f.sh.M == 0) {
+    set_empty_batch_stats(f, eps);
+    return {f.out, f.mean, f.invstd, f.var};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.x.scalar_type(), "bn_add_relu_cpu", [&] {
     forward_impl<scalar_t>(f.x, f.residual.defined() ? &f.residual : nullptr, f.weight, f.bias, f.running_mean,
                            f.running_var, training, eps, relu, f.sh, f.out, f.mean, f.invstd, f.var);

@@ -54,7 +54,7 @@ void with_index_type(int64_t numel, const F& f) {
 // and hands the K totals to `fin`. Enough blocks to fill the GPU for any C, and no strided reads.
 constexpr int kSumThreads = 256, kChannelLanes = 32, kRowLanes = kSumThreads / kChannelLanes;
 
-template <int K, typename Elem>
+template <int K, typename index_t, typename Elem>
 __global__ void __launch_bounds__(kSumThreads)
     channel_partials_kernel(Geometry g, int64_t chunk_len, Elem elem, double* partial) {
   using acc_t = typename Elem::acc_t;
@@ -67,7 +67,9 @@ __global__ void __launch_bounds__(kSumThreads)
   const int64_t c = g.planar ? static_cast<int64_t>(blockIdx.x)
                              : static_cast<int64_t>(blockIdx.x) * kChannelLanes + lane;
   if (g.planar) {
-    for (int64_t i = begin + threadIdx.x; i < end; i += kSumThreads) elem(((i / g.S) * g.C + c) * g.S + i % g.S, c, acc);
+    const index_t S = static_cast<index_t>(g.S), C = static_cast<index_t>(g.C), ci = static_cast<index_t>(c);
+    for (index_t i = static_cast<index_t>(begin) + threadIdx.x; i < static_cast<index_t>(end); i += kSumThreads)
+      elem(static_cast<int64_t>(((i / S) * C + ci) * S + i % S), c, acc);
   } else if (c < g.C) {
     for (int64_t row = begin + row_lane; row < end; row += kRowLanes) elem(row * g.C + c, c, acc);
   }
@@ -93,15 +95,27 @@ __global__ void __launch_bounds__(kSumThreads)
   }
 }
 
+// 32 channels per block; its 8 warps take every 8th chunk, then the 8 sums per channel are added.
 template <int K, typename Fin>
-__global__ void channel_finalize_kernel(const double* partial, int64_t chunks, int64_t C, Fin fin) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
+__global__ void __launch_bounds__(kSumThreads)
+    channel_finalize_kernel(const double* partial, int64_t chunks, int64_t C, Fin fin) {
+  const int lane = threadIdx.x % kChannelLanes, chunk_lane = threadIdx.x / kChannelLanes;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kChannelLanes + lane;
   double t[K];
   for (int k = 0; k < K; ++k) t[k] = 0;
-  for (int64_t ch = 0; ch < chunks; ++ch)
-    for (int k = 0; k < K; ++k) t[k] += partial[(ch * K + k) * C + c];
-  fin(c, t);
+  if (c < C)
+    for (int64_t ch = chunk_lane; ch < chunks; ch += kRowLanes)
+      for (int k = 0; k < K; ++k) t[k] += partial[(ch * K + k) * C + c];
+  __shared__ double buf[K][kSumThreads];
+  for (int k = 0; k < K; ++k) buf[k][threadIdx.x] = t[k];
+  __syncthreads();
+  if (chunk_lane == 0 && c < C) {
+    for (int k = 0; k < K; ++k) {
+      t[k] = 0;
+      for (int r = 0; r < kRowLanes; ++r) t[k] += buf[k][r * kChannelLanes + lane];
+    }
+    fin(c, t);
+  }
 }
 
 // Runs both launches (M > 0).
@@ -110,17 +124,20 @@ void channel_sums(const Geometry& g, const Elem& elem, const Fin& fin, const at:
   const int64_t groups = g.planar ? g.C : (g.C + kChannelLanes - 1) / kChannelLanes;
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t min_chunk = g.planar ? 4 * kSumThreads : 8 * kRowLanes;  // elements (planar) or rows per block
-  int64_t chunks = std::min<int64_t>({(4 * sms + groups - 1) / groups, (g.M + min_chunk - 1) / min_chunk, 65535});
+  int64_t chunks = std::min<int64_t>({(8 * sms + groups - 1) / groups, (g.M + min_chunk - 1) / min_chunk, 65535});
   chunks = std::max<int64_t>(chunks, 1);
   const int64_t len = (g.M + chunks - 1) / chunks;
   chunks = (g.M + len - 1) / len;
   TORCH_CHECK(groups <= std::numeric_limits<int>::max(), "torchfast.bn_add_relu: ", g.C, " channels exceed the CUDA grid");
   const at::Tensor partial = at::empty({chunks, K, g.C}, like.options().dtype(at::kDouble));
-  channel_partials_kernel<K><<<dim3(static_cast<unsigned>(groups), static_cast<unsigned>(chunks)), kSumThreads, 0,
-                               stream>>>(g, len, elem, partial.mutable_data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  channel_finalize_kernel<K><<<static_cast<unsigned>((g.C + 255) / 256), 256, 0, stream>>>(
-      partial.const_data_ptr<double>(), chunks, g.C, fin);
+  with_index_type(g.M * g.C, [&](auto index) {
+    channel_partials_kernel<K, decltype(index)>
+        <<<dim3(static_cast<unsigned>(groups), static_cast<unsigned>(chunks)), kSumThreads, 0, stream>>>(
+            g, len, elem, partial.mutable_data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  channel_finalize_kernel<K><<<static_cast<unsigned>((g.C + kChannelLanes - 1) / kChannelLanes), kSumThreads, 0,
+                               stream>>>(partial.const_data_ptr<double>(), chunks, g.C, fin);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -245,19 +262,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_cuda(
   at::Tensor &out = f.out, &mean = f.mean, &invstd = f.invstd, &var = f.var;
   const auto &w = f.weight, &b = f.bias, &rm = f.running_mean, &rv = f.running_var;
   if (sh.C == 0) return {out, mean, invstd, var};
+  if (training && sh.M == 0) {
+    set_empty_batch_stats(f, eps);
+    return {out, mean, invstd, var};
+  }
   const Geometry g = geometry(sh);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_add_relu_cuda", [&] {
     using acc_t = acc_type_t<scalar_t>;
     if (training) {
-      if (sh.M > 0) {  // two passes (mean, then squared deviations), as on the CPU
-        const scalar_t* xp = x.const_data_ptr<scalar_t>();
-        acc_t* mp = mean.mutable_data_ptr<acc_t>();
-        channel_sums<1>(g, SumInput<scalar_t, acc_t>{xp}, SetMean<acc_t>{mp, sh.M}, x, stream);
-        channel_sums<1>(g, SumSquaredDeviation<scalar_t, acc_t>{xp, mp},
-                        SetVariance<acc_t>{var.mutable_data_ptr<acc_t>(), invstd.mutable_data_ptr<acc_t>(), sh.M, eps},
-                        x, stream);
-      }
+      // two passes (mean, then squared deviations), as on the CPU
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      acc_t* mp = mean.mutable_data_ptr<acc_t>();
+      channel_sums<1>(g, SumInput<scalar_t, acc_t>{xp}, SetMean<acc_t>{mp, sh.M}, x, stream);
+      channel_sums<1>(g, SumSquaredDeviation<scalar_t, acc_t>{xp, mp},
+                      SetVariance<acc_t>{var.mutable_data_ptr<acc_t>(), invstd.mutable_data_ptr<acc_t>(), sh.M, eps},
+                      x, stream);
     } else {
       eval_stats_kernel<acc_t><<<(sh.C + 255) / 256, 256, 0, stream>>>(
           rm->const_data_ptr<acc_t>(), rv->const_data_ptr<acc_t>(), sh.C, eps, mean.mutable_data_ptr<acc_t>(),

@@ -7,6 +7,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 
+#include <cmath>
 #include <optional>
 
 namespace torchfast {
@@ -34,6 +35,9 @@ inline at::Tensor bn_kernel_layout(const at::Tensor& x, BnShape& shape) {
   shape.C = t.size(1);
   shape.M = shape.C > 0 ? t.numel() / shape.C : 0;
   shape.S = shape.N > 0 ? shape.M / shape.N : 0;
+  // One element per (n, c) plane (N, C, 1, 1): the same memory as (N, C) rows, which the packed
+  // kernels read along the channels instead of with stride C.
+  if (shape.planar && shape.S == 1) shape.planar = false;
   return t;
 }
 
@@ -88,6 +92,14 @@ inline BnForward prepare_bn_forward(const at::Tensor& input, const std::optional
   f.invstd = at::empty({f.sh.C}, opts);
   f.var = at::empty({f.sh.C}, opts);
   return f;
+}
+
+// Batch statistics of an empty batch (M == 0): mean 0, variance 0 (the caller leaves the running
+// statistics alone), rather than 0 / 0.
+inline void set_empty_batch_stats(BnForward& f, double eps) {
+  f.mean.zero_();
+  f.var.zero_();
+  f.invstd.fill_(1.0 / std::sqrt(eps));
 }
 
 // The backward's inputs in kernel layout, and its outputs allocated (grad_residual empty when

@@ -1,7 +1,8 @@
 """Drop-in layers (torchfast.nn), their functional forms and utilities (gradient clipping)."""
 from torchfast.nn import functional, utils  # noqa: F401
 from torchfast.nn.attention import MultiheadAttention
-from torchfast.nn.layers import BatchNormAddReLU2d, BatchNormReLU2d, ConvBNReLU2d, ResidualBlock
+from torchfast.nn.layers import (BatchNormAddReLU2d, BatchNormReLU2d, ConvBNReLU2d, ResidualBlock,
+                                 SyncBatchNormAddReLU2d, SyncBatchNormReLU2d, convert_sync_batchnorm)
 
 __all__ = ["BatchNormAddReLU2d", "BatchNormReLU2d", "ConvBNReLU2d", "MultiheadAttention", "ResidualBlock",
-           "functional", "utils"]
+           "SyncBatchNormAddReLU2d", "SyncBatchNormReLU2d", "convert_sync_batchnorm", "functional", "utils"]

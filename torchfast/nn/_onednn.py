@@ -27,8 +27,10 @@ AVAILABLE = _available()
 
 
 def usable(x: Tensor, weight: Tensor, padding) -> bool:
-    return (AVAILABLE and not exporting() and x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and not isinstance(padding, str))
+    # Not under torch.compile/export either: the op has no fake-tensor implementation to trace.
+    return (AVAILABLE and not exporting() and not torch.compiler.is_compiling() and x.device.type == "cpu"
+            and x.dim() == 4 and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not isinstance(padding, str))
 
 
 def conv2d_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],

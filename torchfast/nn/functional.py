@@ -26,12 +26,18 @@ def batch_norm_add_relu(input: Tensor, running_mean: Optional[Tensor], running_v
     """
     if input.dim() < 2:
         raise ValueError(f"batch_norm_add_relu: expected input of shape (N, C, *), got {tuple(input.shape)}")
+    c = input.size(1)
+    # Checked before anything is updated in place (torch's messages).
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if t is not None and t.numel() != c:
+            raise RuntimeError(f"batch_norm_add_relu: {name} should contain {c} elements not {t.numel()} "
+                               f"(input of shape {tuple(input.shape)})")
     use_batch_stats = training or running_mean is None or running_var is None
     out, mean, _, var = norm_ops.bn_add_relu(
         input, weight, bias, residual, None if use_batch_stats else running_mean,
         None if use_batch_stats else running_var, use_batch_stats, eps, relu)
-    if training and running_mean is not None and running_var is not None:
-        n = input.numel() // input.size(1)
+    n = input.numel() // c if c else 0
+    if training and running_mean is not None and running_var is not None and n > 0:  # torch skips empty batches
         with torch.no_grad():
             running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
             unbiased = var * (n / max(n - 1, 1))

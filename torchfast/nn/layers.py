@@ -12,8 +12,9 @@ from torchfast.nn import _onednn
 from torchfast.nn.functional import batch_norm_add_relu
 from torchfast.ops._registry import exporting
 
-__all__ = ["BatchNormReLU2d", "BatchNormAddReLU2d", "ConvBNReLU2d", "FoldedConvBN", "ResidualBlock", "add_relu",
-           "can_fold", "fold_conv_bn", "fused_batch_norm"]
+__all__ = ["BatchNormReLU2d", "BatchNormAddReLU2d", "ConvBNReLU2d", "FoldedConvBN", "ResidualBlock",
+           "SyncBatchNormAddReLU2d", "SyncBatchNormReLU2d", "add_relu", "can_fold", "convert_sync_batchnorm",
+           "fold_conv_bn", "fused_batch_norm", "plain_path_needed"]
 
 
 def fused_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: Tensor, residual: Optional[Tensor] = None,
@@ -45,6 +46,48 @@ class BatchNormAddReLU2d(nn.BatchNorm2d):
         return fused_batch_norm(self, input, residual, relu=True)
 
 
+class SyncBatchNormReLU2d(nn.SyncBatchNorm):
+    """What BatchNormReLU2d becomes under torchfast.nn.convert_sync_batchnorm: statistics synchronised
+    across processes (nn.SyncBatchNorm), then the ReLU."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return torch.relu(super().forward(input))
+
+
+class SyncBatchNormAddReLU2d(nn.SyncBatchNorm):
+    """What BatchNormAddReLU2d becomes under torchfast.nn.convert_sync_batchnorm: forward(x, residual)."""
+
+    def forward(self, input: Tensor, residual: Tensor) -> Tensor:
+        return torch.relu(super().forward(input) + residual)
+
+
+_SYNC_VERSIONS = {BatchNormReLU2d: SyncBatchNormReLU2d, BatchNormAddReLU2d: SyncBatchNormAddReLU2d}
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """nn.SyncBatchNorm.convert_sync_batchnorm that knows torchfast's fused layers: torch's would turn
+    BatchNormReLU2d/BatchNormAddReLU2d into a plain SyncBatchNorm (dropping the ReLU and the residual);
+    here they keep them. Every other batch norm is converted as torch converts it; ResidualBlock and
+    ConvBNReLU2d run their converted batch norms as submodules (synchronised statistics, unfused)."""
+    sync_cls = _SYNC_VERSIONS.get(type(module))
+    if sync_cls is None:
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+        out = module
+    else:
+        out = sync_cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                       process_group)
+        if module.affine:
+            with torch.no_grad():
+                out.weight, out.bias = module.weight, module.bias
+        out.running_mean, out.running_var = module.running_mean, module.running_var
+        out.num_batches_tracked = module.num_batches_tracked
+        out.training = module.training
+    for name, child in module.named_children():
+        out.add_module(name, convert_sync_batchnorm(child, process_group))
+    return out
+
+
 class ConvBNReLU2d(nn.Sequential):
     """nn.Sequential(nn.Conv2d(...), nn.BatchNorm2d(out_channels), nn.ReLU()) with the batch norm and
     the ReLU fused: the same children ("0", "1", "2"), so a state_dict of that plain stack loads.
@@ -65,7 +108,11 @@ class ConvBNReLU2d(nn.Sequential):
 
     def forward(self, input: Tensor) -> Tensor:
         conv, bn = self[0], self[1]
-        if isinstance(conv, nn.Conv2d) and conv.padding_mode == "zeros" and can_fold(self, (bn,), input):
+        if not isinstance(conv, nn.Conv2d) or plain_path_needed(self, (bn,), input):
+            return super().forward(input)
+        if input.dim() != 4:  # what bn would say about the convolution's output
+            raise ValueError(f"torchfast.nn.ConvBNReLU2d: expected 4D input (got {input.dim()}D input)")
+        if conv.padding_mode == "zeros" and can_fold(self, (bn,), input):
             weight, bias = self._folded.get(conv, bn, _is_channels_last(input))
             if _onednn.usable(input, weight, conv.padding):  # the ReLU as the convolution's post-op
                 return _onednn.conv2d_relu(input, weight, bias, conv.stride, conv.padding, conv.dilation,
@@ -99,24 +146,48 @@ def _versions(*tensors) -> tuple:
     return tuple((t._version, t.data_ptr(), t.dtype, t.device) if t is not None else None for t in tensors)
 
 
+def _fold_for_layout(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm, channels_last: bool):
+    weight, bias = fold_conv_bn(conv, bn)
+    return (weight.contiguous(memory_format=torch.channels_last) if channels_last else weight), bias
+
+
 class FoldedConvBN:
     """The folded weight and bias of one (conv, bn) pair, per memory layout, rebuilt whenever one of
-    the tensors they come from changes (in-place update, load_state_dict, .to(), ...)."""
+    the tensors they come from changes as torch tracks changes (their version counters: in-place
+    updates, optimizer steps, load_state_dict, .to(), ...). Writes through `.data` bypass version
+    counters (as they bypass autograd's checks): after those, switch the mode (`.eval()`) to drop
+    the cache. Folded afresh on every call, uncached, while torch.compile/export traces (fake
+    tensors have no data pointers) and for inference tensors (they have no version counter)."""
 
     def __init__(self):
         self.key = None
         self.by_layout: dict = {}
 
     def get(self, conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm, channels_last: bool) -> tuple[Tensor, Tensor]:
-        key = _versions(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var) + (bn.eps,)
+        sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        if torch.compiler.is_compiling() or exporting() or any(t is not None and t.is_inference() for t in sources):
+            return _fold_for_layout(conv, bn, channels_last)
+        key = _versions(*sources) + (bn.eps,)
         if key != self.key:
             self.key, self.by_layout = key, {}
         if channels_last not in self.by_layout:
-            weight, bias = fold_conv_bn(conv, bn)
-            if channels_last:
-                weight = weight.contiguous(memory_format=torch.channels_last)
-            self.by_layout[channels_last] = (weight, bias)
+            self.by_layout[channels_last] = _fold_for_layout(conv, bn, channels_last)
         return self.by_layout[channels_last]
+
+
+def plain_path_needed(module: nn.Module, bns, x: Tensor) -> bool:
+    """Whether a fused layer should run its submodules as the plain torch stack does: when hooks sit
+    on them (they fire only if the submodules are called), when a batch norm is not a plain
+    nn.BatchNorm2d (e.g. SyncBatchNorm after convert_sync_batchnorm), or under autocast (which
+    applies to the submodules' ops, so the fused kernels would change the result's dtype)."""
+    if any(type(bn) not in (nn.BatchNorm2d, BatchNormReLU2d, BatchNormAddReLU2d) for bn in bns):
+        return True
+    if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+        return True
+    hooks = nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.children())
 
 
 def can_fold(module: nn.Module, bns, x: Tensor) -> bool:
@@ -174,6 +245,8 @@ class ResidualBlock(nn.Module):
         if x.dim() != 4 or x.size(1) != self.channels:
             raise ValueError(f"torchfast.nn.ResidualBlock({self.channels}): expected input of shape "
                              f"(N, {self.channels}, H, W), got {tuple(x.shape)}")
+        if plain_path_needed(self, (self.bn1, self.bn2), x):
+            return self._plain(x)
         if can_fold(self, (self.bn1, self.bn2), x):
             return self._inference(x)
         if _train_channels_last(x):
@@ -182,6 +255,13 @@ class ResidualBlock(nn.Module):
             # benchmarks/RESULTS.md). The output keeps the input's layout.
             return self._train(x.contiguous(memory_format=torch.channels_last)).contiguous()
         return self._train(x)
+
+    def _plain(self, x: Tensor) -> Tensor:
+        # the cheat sheet's forward, submodule by submodule (see plain_path_needed)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return self.relu(out)
 
     def _train(self, x: Tensor) -> Tensor:
         out = fused_batch_norm(self.bn1, self.conv1(x), None, relu=True)

@@ -32,16 +32,27 @@ def _bn_add_relu_backward_fake(grad_out, input, out, weight, save_mean, save_inv
 
 def _setup_context(ctx, inputs, output):
     input, weight, bias, residual, running_mean, running_var, training, eps, relu = inputs
-    out, mean, invstd, _ = output
-    ctx.save_for_backward(input, out, weight, mean, invstd)
-    ctx.training, ctx.relu, ctx.has_residual = training, relu, residual is not None
+    out, mean, invstd, var = output
+    # bias, residual and var only serve a double backward (references: no copies are made)
+    ctx.save_for_backward(input, out, weight, mean, invstd, bias, residual, var)
+    ctx.training, ctx.relu, ctx.has_residual, ctx.eps = training, relu, residual is not None, eps
     ctx.weight_dtype = None if weight is None else weight.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.mark_non_differentiable(mean, invstd, output[3])
 
 
 def _backward(ctx, grad_out, _gm, _gi, _gv):
-    input, out, weight, mean, invstd = ctx.saved_tensors
+    input, out, weight, mean, invstd, bias, residual, var = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        # create_graph=True (double backward): the kernel's backward is not differentiable, so the
+        # gradient is taken through the reference, which builds a graph of its own (eval mode
+        # normalises with the statistics the forward used: the running ones, returned as mean/var).
+        inputs = (input, weight, bias, residual)
+        wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[:4]) if need]
+        ref_out = ref.bn_add_relu(input, weight, bias, residual, None if ctx.training else mean,
+                                  None if ctx.training else var, ctx.training, ctx.eps, ctx.relu)[0]
+        grads = iter(torch.autograd.grad(ref_out, wanted, grad_out, create_graph=True))
+        return (*(next(grads) if need else None for need in ctx.needs_input_grad[:4]), None, None, None, None, None)
     gx, gw, gb, gres = torch.ops.torchfast.bn_add_relu_backward(
         grad_out, input, out, weight, mean, invstd, ctx.training,
         ctx.relu, ctx.has_residual)
