@@ -149,6 +149,17 @@ def test_sdpa_masks_match_torch(mask_shape, kind, device):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
 
 
+def test_sdpa_broadcasts_batch_dims_like_torch(device):
+    torch.manual_seed(3)
+    q = torch.randn(2, 3, 9, 8, device=device, requires_grad=True)
+    k, v = (torch.randn(1, 3, 11, 8, device=device, requires_grad=True) for _ in range(2))
+    a, b = tf_sdpa(q, k, v), F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(a)
+    for x, y in zip(torch.autograd.grad(a, (q, k, v), g), torch.autograd.grad(b, (q, k, v), g)):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
 def test_sdpa_gqa_and_mask_grad(device):
     torch.manual_seed(2)
     q = torch.randn(2, 8, 33, 16, device=device, requires_grad=True)
@@ -376,8 +387,10 @@ def test_bad_input_errors(device):
         tf_sdpa(q, q[0], q)
     with pytest.raises(ValueError, match=r"\(2, 3, 5, 8\), \(2, 3, 5, 7\)"):
         tf_sdpa(q, q[..., :7], q)
-    with pytest.raises(ValueError, match="batch dims differ"):
-        tf_sdpa(q, q[:1], q[:1])
+    with pytest.raises(ValueError, match=r"do not broadcast: \(2, 3, 5, 8\), \(3, 3, 5, 8\)"):
+        tf_sdpa(q, torch.randn(3, 3, 5, 8, device=device), q)
+    with pytest.raises(ValueError, match=r"must be a multiple of key/value heads \(2\)"):
+        tf_sdpa(q, q[:, :2], q[:, :2], enable_gqa=True)
     with pytest.raises(ValueError, match=r"attn_mask of shape \(4, 5\)"):
         tf_sdpa(q, q, q, attn_mask=torch.ones(4, 5, dtype=torch.bool, device=device))
     if torchfast._loader.has_kernel(OP, device):

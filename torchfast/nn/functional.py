@@ -71,7 +71,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 
     Same signature and results: query (..., L, E), key (..., S, E), value (..., S, Ev); attn_mask
     boolean (True = take part in attention) or additive float, broadcastable to (..., L, S);
-    is_causal masks key j > query i (top-left aligned); scale defaults to 1/sqrt(E); enable_gqa
+    is_causal masks key j > query i (top-left aligned; it may be combined with attn_mask, where torch
+    raises); batch dims broadcast; scale defaults to 1/sqrt(E); enable_gqa
     lets key/value have fewer heads (dim -3) than query. The (L, S) scores are never materialised,
     and rows whose every key is masked give 0 (torch may give NaN there). dropout_p > 0 draws its
     mask from a seed taken from torch's default generator, so torch.manual_seed reproduces it; the
@@ -87,16 +88,18 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                          f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"{name}: dropout_p must be in [0, 1], got {dropout_p}")
+    shapes = f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"  # as received, for errors
     if enable_gqa and query.dim() >= 3 and key.size(-3) != query.size(-3):
         groups, rem = divmod(query.size(-3), key.size(-3))
         if rem:
             raise ValueError(f"{name}: with enable_gqa, query heads ({query.size(-3)}) must be a multiple of "
                              f"key/value heads ({key.size(-3)})")
         key, value = key.repeat_interleave(groups, dim=-3), value.repeat_interleave(groups, dim=-3)
-    lead = query.shape[:-2]
-    if key.shape[:-2] != lead or value.shape[:-2] != lead:
-        raise ValueError(f"{name}: batch dims differ: query {tuple(query.shape)}, key {tuple(key.shape)}, "
-                         f"value {tuple(value.shape)}")
+    try:  # batch dims broadcast, as in torch (expanded views: no copies)
+        lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    except RuntimeError:
+        raise ValueError(f"{name}: the batch dims of query, key and value do not broadcast: {shapes}") from None
+    query, key, value = (t.expand(*lead, t.size(-2), t.size(-1)) for t in (query, key, value))
     L, S = query.size(-2), key.size(-2)
     mask = additive_mask(attn_mask, query.dtype)
     if mask is not None:
