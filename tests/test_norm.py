@@ -443,3 +443,20 @@ def test_hooks_autocast_and_sync_batchnorm_take_the_plain_path():
     seed_synced.load_state_dict(synced[1].state_dict())
     torch.testing.assert_close(synced[1](x), seed_synced(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(synced[1].bn1.running_mean, seed_synced.bn1.running_mean)
+
+
+def test_batchnorm_add_relu_broadcasts_the_residual(device):
+    torch.manual_seed(0)
+    plain, fused = nn.BatchNorm2d(4).to(device), torchfast.nn.BatchNormAddReLU2d(4).to(device)
+    x = torch.randn(3, 4, 5, 5, device=device)
+    for shape in ((1, 4, 1, 1), (4, 5, 5), (3, 1, 5, 5)):
+        r = torch.randn(shape, device=device)
+        outs = []
+        for call in (lambda xi, ri: torch.relu(plain(xi) + ri), fused):
+            xi, ri = x.clone().requires_grad_(), r.clone().requires_grad_()
+            y = call(xi, ri)
+            outs.append((y, *torch.autograd.grad(y.pow(2).sum(), (xi, ri))))
+        for a, b in zip(*outs):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"residual of shape \(2, 4, 1, 1\) does not broadcast to the input's"):
+        fused(x, torch.randn(2, 4, 1, 1, device=device))

@@ -32,6 +32,12 @@ def batch_norm_add_relu(input: Tensor, running_mean: Optional[Tensor], running_v
         if t is not None and t.numel() != c:
             raise RuntimeError(f"batch_norm_add_relu: {name} should contain {c} elements not {t.numel()} "
                                f"(input of shape {tuple(input.shape)})")
+    if residual is not None and residual.shape != input.shape:
+        try:  # a residual that broadcasts to the input (as in relu(bn(x) + r)) is expanded to it
+            residual = residual.expand(input.shape)
+        except RuntimeError:
+            raise ValueError(f"batch_norm_add_relu: residual of shape {tuple(residual.shape)} does not broadcast "
+                             f"to the input's {tuple(input.shape)}") from None
     use_batch_stats = training or running_mean is None or running_var is None
     out, mean, _, var = norm_ops.bn_add_relu(
         input, weight, bias, residual, None if use_batch_stats else running_mean,
