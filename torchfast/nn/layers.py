@@ -142,8 +142,11 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> tuple[
         return weight.to(conv.weight.dtype), shift.to(conv.weight.dtype)
 
 
-def _versions(*tensors) -> tuple:
-    return tuple((t._version, t.data_ptr(), t.dtype, t.device) if t is not None else None for t in tensors)
+def _versions(tensors) -> tuple:
+    """What identifies the tensors' contents to torch: version counters and storage (a .to() or a
+    replaced .data gets new storage). Raises RuntimeError for inference tensors (no version counter)."""
+    return tuple(t._version for t in tensors if t is not None) + tuple(
+        t.data_ptr() if t is not None else 0 for t in tensors)
 
 
 def _fold_for_layout(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm, channels_last: bool):
@@ -164,10 +167,17 @@ class FoldedConvBN:
         self.by_layout: dict = {}
 
     def get(self, conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm, channels_last: bool) -> tuple[Tensor, Tensor]:
-        sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        if torch.compiler.is_compiling() or exporting() or any(t is not None and t.is_inference() for t in sources):
+        # straight from the modules' dicts: nn.Module.__getattr__ would cost ~1 us per tensor, which
+        # shows at batch-1 inference
+        p, q, b = conv._parameters, bn._parameters, bn._buffers
+        sources = (p["weight"], p.get("bias"), q.get("weight"), q.get("bias"), b.get("running_mean"),
+                   b.get("running_var"))
+        if torch.compiler.is_compiling() or exporting():
             return _fold_for_layout(conv, bn, channels_last)
-        key = _versions(*sources) + (bn.eps,)
+        try:
+            key = _versions(sources) + (bn.eps,)
+        except RuntimeError:  # inference tensors: nothing tells whether they changed
+            return _fold_for_layout(conv, bn, channels_last)
         if key != self.key:
             self.key, self.by_layout = key, {}
         if channels_last not in self.by_layout:
@@ -277,7 +287,10 @@ class ResidualBlock(nn.Module):
             out = _onednn.conv2d_relu(x, w1, b1, (1, 1), (1, 1), (1, 1), 1, relu=True)
             return _onednn.conv2d_add_relu(out, x, w2, b2, (1, 1), (1, 1), (1, 1), 1)
         out = torch.nn.functional.conv2d(x, w1, b1, padding=1).relu_()
-        return add_relu(torch.nn.functional.conv2d(out, w2, b2, padding=1), x)
+        out = torch.nn.functional.conv2d(out, w2, b2, padding=1)
+        # CPU inputs the post-op convolution does not take (small, not fp32, traced): torch's in-place
+        # add and ReLU (on the fresh conv output); elsewhere the one-pass fused kernel
+        return out.add_(x).relu_() if x.device.type == "cpu" else add_relu(out, x)
 
     def train(self, mode: bool = True):
         self._folded = (FoldedConvBN(), FoldedConvBN())  # a mode switch drops the folded weights
