@@ -85,6 +85,17 @@ const T* ptr_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->const_data_ptr<T>() : nullptr;
 }
 
+// Packed (M, C) rows: in fp32/fp64 the per-channel arrays share the element type, so a row's
+// channels go through map_streams (vectorised along C) with those arrays as extra streams; in
+// fp16/bf16 the callers keep a scalar loop over the channels.
+template <typename scalar_t>
+constexpr bool kVectorRows = std::is_same_v<scalar_t, acc_type_t<scalar_t>>;
+
+template <typename T>
+T* stream(const T* p) {
+  return const_cast<T*>(p);
+}
+
 template <typename scalar_t>
 void forward_impl(const at::Tensor& x, const at::Tensor* residual, const std::optional<at::Tensor>& weight,
                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
@@ -133,15 +144,26 @@ void forward_impl(const at::Tensor& x, const at::Tensor* residual, const std::op
   } else {
     const auto sums = packed_channel_sums<scalar_t, 1>(M, C, [&](int64_t row, acc_t* acc) {
       const scalar_t* r = xp + row * C;
-      for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<acc_t>(r[c]);
+      if constexpr (kVectorRows<scalar_t>) {
+        map_streams<scalar_t, 2, 0b11u, 0b10u>({stream(r), acc}, C, [](auto& v) { v[1] = v[1] + v[0]; });
+      } else {
+        for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<acc_t>(r[c]);
+      }
     });
     std::vector<acc_t> mu(C);
     for (int64_t c = 0; c < C; ++c) mu[c] = static_cast<acc_t>(sums[c] / M);
     const auto sq = packed_channel_sums<scalar_t, 1>(M, C, [&](int64_t row, acc_t* acc) {
       const scalar_t* r = xp + row * C;
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t d = static_cast<acc_t>(r[c]) - mu[c];
-        acc[c] += d * d;
+      if constexpr (kVectorRows<scalar_t>) {
+        map_streams<scalar_t, 3, 0b111u, 0b100u>({stream(r), mu.data(), acc}, C, [](auto& v) {
+          const auto d = v[0] - v[1];
+          v[2] = v[2] + d * d;
+        });
+      } else {
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t d = static_cast<acc_t>(r[c]) - mu[c];
+          acc[c] += d * d;
+        }
       }
     });
     for (int64_t c = 0; c < C; ++c) {
@@ -178,6 +200,14 @@ void forward_impl(const at::Tensor& x, const at::Tensor* residual, const std::op
           const scalar_t* xr = xp + row * C;
           const scalar_t* rr = kRes ? rp + row * C : nullptr;
           scalar_t* orow = op + row * C;
+          if constexpr (kVectorRows<scalar_t>) {
+            // streams: 0 x, 1 residual, 2 out, 3 scale, 4 shift
+            map_streams<scalar_t, 5, kRes ? 0b11011u : 0b11001u, 0b00100u>(
+                {stream(xr), stream(rr), orow, scale.data(), shift.data()}, C, [relu](auto& v) {
+                  v[2] = bn_add_relu_forward(v[0], v[1], v[3], v[4], relu);
+                });
+            continue;
+          }
           for (int64_t c = 0; c < C; ++c) {
             const acc_t res = kRes ? static_cast<acc_t>(rr[c]) : acc_t(0);
             orow[c] = static_cast<scalar_t>(bn_add_relu_forward(static_cast<acc_t>(xr[c]), res, scale[c], shift[c],
@@ -231,6 +261,16 @@ void backward_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& o
   } else {
     const auto sums = packed_channel_sums<scalar_t, 2>(M, C, [&](int64_t row, acc_t* acc) {
       const scalar_t *gr = gp + row * C, *orow = outp + row * C, *xr = xp + row * C;
+      if constexpr (kVectorRows<scalar_t>) {
+        // streams: 0 grad_out, 1 out, 2 x, 3 mean, 4 sum dy, 5 sum dy * (x - mean)
+        map_streams<scalar_t, 6, 0b111111u, 0b110000u>(
+            {stream(gr), stream(orow), stream(xr), stream(mean), acc, acc + C}, C, [relu](auto& v) {
+              const auto dy = relu_backward(v[0], v[1], relu);
+              v[4] = v[4] + dy;
+              v[5] = v[5] + dy * (v[2] - v[3]);
+            });
+        return;
+      }
       for (int64_t c = 0; c < C; ++c) {
         const acc_t dy = relu_backward(static_cast<acc_t>(gr[c]), static_cast<acc_t>(orow[c]), relu);
         acc[c] += dy;
@@ -274,6 +314,19 @@ void backward_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& o
       at::parallel_for(0, M, 64, [&](int64_t r0, int64_t r1) {
         for (int64_t row = r0; row < r1; ++row) {
           const int64_t off = row * C;
+          if constexpr (kVectorRows<scalar_t>) {
+            // streams: 0 grad_out, 1 out, 2 x, 3 grad_input, 4 grad_residual, 5 mean, 6 invstd, 7 k,
+            // 8 mean dy, 9 mean dy * xhat
+            map_streams<scalar_t, 10, 0b1111100111u, kRes ? 0b11000u : 0b01000u>(
+                {stream(gp + off), stream(outp + off), stream(xp + off), gxp + off, kRes ? gres + off : nullptr,
+                 stream(mean), stream(invstd), k.data(), mdy.data(), mdyx.data()},
+                C, [relu, training](auto& v) {
+                  const auto dy = relu_backward(v[0], v[1], relu);
+                  v[3] = bn_input_grad(dy, v[2], v[5], v[6], v[7], v[8], v[9], training);
+                  v[4] = dy;
+                });
+            continue;
+          }
           for (int64_t c = 0; c < C; ++c) {
             const acc_t dy = relu_backward(static_cast<acc_t>(gp[off + c]), static_cast<acc_t>(outp[off + c]), relu);
             gxp[off + c] = static_cast<scalar_t>(
