@@ -13,10 +13,13 @@ from torchfast.reference.modules import ResidualBlock as SeedResidualBlock
 from conftest import require_kernel, tol
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-# (shape, layout): odd on purpose — 1x1 spatial, 97 channels, 2-D and 3-D inputs, channels_last
+# (shape, layout): odd on purpose — 1x1 spatial, 97 channels, 2-D and 3-D inputs, channels_last —
+# and even ones
 CASES = [((4, 6, 5, 7), "contiguous"), ((4, 6, 5, 7), "channels_last"), ((3, 97, 1, 1), "contiguous"),
          ((2, 97, 3, 3), "channels_last"), ((16, 5), "contiguous"), ((3, 4, 11), "contiguous"),
-         ((2, 3, 4, 5), "transposed")]
+         ((2, 3, 4, 5), "transposed"),
+         # channel runs of 16 and 32: the vectorised paths (CUDA's 16-byte packs, CPU vectors)
+         ((2, 16, 4, 8), "contiguous"), ((2, 16, 4, 8), "channels_last")]
 
 
 def make_input(shape, layout, dtype, device, seed=0):

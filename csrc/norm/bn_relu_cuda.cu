@@ -12,7 +12,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <initializer_list>
 #include <limits>
+#include <type_traits>
 
 #include "common/host_device.h"
 #include "norm/bn_relu_checks.h"
@@ -207,34 +210,78 @@ __global__ void eval_stats_kernel(const acc_t* running_mean, const acc_t* runnin
   invstd[c] = static_cast<acc_t>(1.0 / ::sqrt(static_cast<double>(running_var[c]) + eps));
 }
 
-template <typename scalar_t, typename acc_t, typename index_t>
+// The element-wise kernels move V elements per load and store (16 bytes: Pack) where the channel
+// runs allow it (planar: S % V == 0, so a pack lies in one channel; packed: C % V == 0, so a pack
+// holds V consecutive channels) and the pointers are 16-byte aligned; else V = 1.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+template <typename scalar_t, typename acc_t, typename index_t, int V>
 __global__ void apply_kernel(const scalar_t* x, const scalar_t* residual, scalar_t* out, Geometry g, int64_t numel,
                              const acc_t* mean, const acc_t* invstd, const acc_t* weight, const acc_t* bias,
                              bool relu) {
-  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < static_cast<index_t>(numel);
-       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
-    const index_t c = channel_of(g, i);
-    const acc_t k = (weight ? weight[c] : acc_t(1)) * invstd[c];
-    const acc_t t = (bias ? bias[c] : acc_t(0)) - mean[c] * k;
-    const acc_t r = residual ? static_cast<acc_t>(residual[i]) : acc_t(0);
-    out[i] = static_cast<scalar_t>(bn_add_relu_forward(static_cast<acc_t>(x[i]), r, k, t, relu));
+  using P = Pack<scalar_t, V>;
+  const index_t packs = static_cast<index_t>(numel / V);
+  for (index_t p = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < packs;
+       p += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t i = p * V, c0 = channel_of(g, i);
+    const P xv = *reinterpret_cast<const P*>(x + i);
+    P rv, ov;
+    if (residual) rv = *reinterpret_cast<const P*>(residual + i);
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      const index_t c = g.planar ? c0 : c0 + e;
+      const acc_t k = (weight ? weight[c] : acc_t(1)) * invstd[c];
+      const acc_t t = (bias ? bias[c] : acc_t(0)) - mean[c] * k;
+      const acc_t r = residual ? static_cast<acc_t>(rv.v[e]) : acc_t(0);
+      ov.v[e] = static_cast<scalar_t>(bn_add_relu_forward(static_cast<acc_t>(xv.v[e]), r, k, t, relu));
+    }
+    *reinterpret_cast<P*>(out + i) = ov;
   }
 }
 
-template <typename scalar_t, typename acc_t, typename index_t>
+template <typename scalar_t, typename acc_t, typename index_t, int V>
 __global__ void input_grad_kernel(const scalar_t* grad_out, const scalar_t* out, const scalar_t* x, Geometry g,
                                   int64_t numel, const acc_t* mean, const acc_t* invstd, const acc_t* weight,
                                   const acc_t* sum_dy, const acc_t* sum_dy_xhat, bool training, bool relu,
                                   scalar_t* grad_input, scalar_t* grad_residual) {
+  using P = Pack<scalar_t, V>;
   const acc_t inv_m = g.M > 0 ? acc_t(1) / static_cast<acc_t>(g.M) : acc_t(0);
-  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < static_cast<index_t>(numel);
-       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
-    const index_t c = channel_of(g, i);
-    const acc_t dy = relu_backward(static_cast<acc_t>(grad_out[i]), static_cast<acc_t>(out[i]), relu);
-    const acc_t k = (weight ? weight[c] : acc_t(1)) * invstd[c];
-    grad_input[i] = static_cast<scalar_t>(bn_input_grad(dy, static_cast<acc_t>(x[i]), mean[c], invstd[c], k,
-                                                        sum_dy[c] * inv_m, sum_dy_xhat[c] * inv_m, training));
-    if (grad_residual) grad_residual[i] = static_cast<scalar_t>(dy);
+  const index_t packs = static_cast<index_t>(numel / V);
+  for (index_t p = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < packs;
+       p += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t i = p * V, c0 = channel_of(g, i);
+    const P gv = *reinterpret_cast<const P*>(grad_out + i);
+    const P ov = *reinterpret_cast<const P*>(out + i);
+    const P xv = *reinterpret_cast<const P*>(x + i);
+    P gi, gr;
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      const index_t c = g.planar ? c0 : c0 + e;
+      const acc_t dy = relu_backward(static_cast<acc_t>(gv.v[e]), static_cast<acc_t>(ov.v[e]), relu);
+      const acc_t k = (weight ? weight[c] : acc_t(1)) * invstd[c];
+      gi.v[e] = static_cast<scalar_t>(bn_input_grad(dy, static_cast<acc_t>(xv.v[e]), mean[c], invstd[c], k,
+                                                    sum_dy[c] * inv_m, sum_dy_xhat[c] * inv_m, training));
+      gr.v[e] = static_cast<scalar_t>(dy);
+    }
+    *reinterpret_cast<P*>(grad_input + i) = gi;
+    if (grad_residual) *reinterpret_cast<P*>(grad_residual + i) = gr;
+  }
+}
+
+// Calls f(std::integral_constant<int, V>) with V = 16 / sizeof(scalar_t) when the layout and every
+// pointer allow packs (see Pack), else with V = 1.
+template <typename scalar_t, typename F>
+void with_pack_width(const Geometry& g, std::initializer_list<const void*> ptrs, const F& f) {
+  constexpr int kV = 16 / sizeof(scalar_t);
+  bool ok = (g.planar ? g.S : g.C) % kV == 0;
+  for (const void* p : ptrs) ok = ok && reinterpret_cast<uintptr_t>(p) % 16 == 0;  // null is aligned
+  if (ok) {
+    f(std::integral_constant<int, kV>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
   }
 }
 
@@ -285,12 +332,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (x.numel() > 0) {
-      with_index_type(x.numel(), [&](auto index) {
-        apply_kernel<scalar_t, acc_t, decltype(index)><<<elementwise_blocks(x.numel()), kThreads, 0, stream>>>(
-            x.const_data_ptr<scalar_t>(), res.defined() ? res.const_data_ptr<scalar_t>() : nullptr,
-            out.mutable_data_ptr<scalar_t>(), g, x.numel(), mean.const_data_ptr<acc_t>(),
-            invstd.const_data_ptr<acc_t>(), opt_ptr<acc_t>(w), opt_ptr<acc_t>(b), relu);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const scalar_t* rp = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
+      scalar_t* op = out.mutable_data_ptr<scalar_t>();
+      with_pack_width<scalar_t>(g, {x.const_data_ptr(), rp, op}, [&](auto width) {
+        constexpr int V = decltype(width)::value;
+        with_index_type(x.numel(), [&](auto index) {
+          apply_kernel<scalar_t, acc_t, decltype(index), V>
+              <<<elementwise_blocks(x.numel() / V), kThreads, 0, stream>>>(
+                  x.const_data_ptr<scalar_t>(), rp, op, g, x.numel(), mean.const_data_ptr<acc_t>(),
+                  invstd.const_data_ptr<acc_t>(), opt_ptr<acc_t>(w), opt_ptr<acc_t>(b), relu);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
       });
     }
   });
@@ -324,13 +376,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_backward_
                       x, stream);
     }
     if (x.numel() > 0) {
-      with_index_type(x.numel(), [&](auto index) {
-        input_grad_kernel<scalar_t, acc_t, decltype(index)><<<elementwise_blocks(x.numel()), kThreads, 0, stream>>>(
-            g_out.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), g,
-            x.numel(), mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), opt_ptr<acc_t>(w),
-            gb.const_data_ptr<acc_t>(), gw.const_data_ptr<acc_t>(), training, relu, gx.mutable_data_ptr<scalar_t>(),
-            has_residual ? gres.mutable_data_ptr<scalar_t>() : nullptr);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      scalar_t* grp = has_residual ? gres.mutable_data_ptr<scalar_t>() : nullptr;
+      with_pack_width<scalar_t>(g, {g_out.const_data_ptr(), o.const_data_ptr(), x.const_data_ptr(), gx.const_data_ptr(),
+                                    grp},
+                                [&](auto width) {
+        constexpr int V = decltype(width)::value;
+        with_index_type(x.numel(), [&](auto index) {
+          input_grad_kernel<scalar_t, acc_t, decltype(index), V>
+              <<<elementwise_blocks(x.numel() / V), kThreads, 0, stream>>>(
+                  g_out.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), g,
+                  x.numel(), mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), opt_ptr<acc_t>(w),
+                  gb.const_data_ptr<acc_t>(), gw.const_data_ptr<acc_t>(), training, relu,
+                  gx.mutable_data_ptr<scalar_t>(), grp);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
       });
     }
   });
