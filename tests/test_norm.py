@@ -19,7 +19,7 @@ CASES = [((4, 6, 5, 7), "contiguous"), ((4, 6, 5, 7), "channels_last"), ((3, 97,
          ((2, 97, 3, 3), "channels_last"), ((16, 5), "contiguous"), ((3, 4, 11), "contiguous"),
          ((2, 3, 4, 5), "transposed"),
          # channel runs of 16 and 32: the vectorised paths (CUDA's 16-byte packs, CPU vectors)
-         ((2, 16, 4, 8), "contiguous"), ((2, 16, 4, 8), "channels_last")]
+         ((2, 16, 4, 8), "contiguous"), ((2, 16, 4, 8), "channels_last"), ((2, 16, 4, 8), "offset")]
 
 
 def make_input(shape, layout, dtype, device, seed=0):
@@ -29,6 +29,8 @@ def make_input(shape, layout, dtype, device, seed=0):
         x = x.to(memory_format=torch.channels_last)
     elif layout == "transposed":
         x = x.transpose(2, 3).contiguous().transpose(2, 3)  # neither contiguous nor channels_last
+    elif layout == "offset":  # contiguous, one element into its storage: not 16-byte aligned
+        x = torch.empty(x.numel() + 1, dtype=dtype, device=device)[1:].view(x.shape).copy_(x)
     return x
 
 
