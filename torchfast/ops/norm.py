@@ -33,8 +33,9 @@ def _bn_add_relu_backward_fake(grad_out, input, out, weight, save_mean, save_inv
 def _setup_context(ctx, inputs, output):
     input, weight, bias, residual, running_mean, running_var, training, eps, relu = inputs
     out, mean, invstd, var = output
-    # bias, residual and var only serve a double backward (references: no copies are made)
-    ctx.save_for_backward(input, out, weight, mean, invstd, bias, residual, var)
+    # bias and var only serve a double backward (a parameter and C values); the residual is not kept:
+    # out's ReLU mask is all the gradients need of it
+    ctx.save_for_backward(input, out, weight, mean, invstd, bias, var)
     ctx.training, ctx.relu, ctx.has_residual, ctx.eps = training, relu, residual is not None, eps
     ctx.weight_dtype = None if weight is None else weight.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -42,17 +43,19 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, _gm, _gi, _gv):
-    input, out, weight, mean, invstd, bias, residual, var = ctx.saved_tensors
+    input, out, weight, mean, invstd, bias, var = ctx.saved_tensors
     if torch.is_grad_enabled():
         # create_graph=True (double backward): the kernel's backward is not differentiable, so the
-        # gradient is taken through the reference, which builds a graph of its own (eval mode
-        # normalises with the statistics the forward used: the running ones, returned as mean/var).
-        inputs = (input, weight, bias, residual)
-        wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[:4]) if need]
-        ref_out = ref.bn_add_relu(input, weight, bias, residual, None if ctx.training else mean,
-                                  None if ctx.training else var, ctx.training, ctx.eps, ctx.relu)[0]
-        grads = iter(torch.autograd.grad(ref_out, wanted, grad_out, create_graph=True))
-        return (*(next(grads) if need else None for need in ctx.needs_input_grad[:4]), None, None, None, None, None)
+        # gradient is taken through the reference's batch norm (eval mode normalises with the
+        # statistics the forward used: the running ones, returned as mean/var), times out's ReLU
+        # mask: relu(bn(x) + r) has the same first and second derivatives as mask * (bn(x) + r).
+        bn_out = ref.bn_add_relu(input, weight, bias, None, None if ctx.training else mean,
+                                 None if ctx.training else var, ctx.training, ctx.eps, False)[0]
+        gy = torch.where(out > 0, grad_out, torch.zeros_like(grad_out)) if ctx.relu else grad_out
+        wanted = [t for t, need in zip((input, weight, bias), ctx.needs_input_grad[:3]) if need]
+        grads = iter(torch.autograd.grad(bn_out, wanted, gy, create_graph=True) if wanted else ())
+        return (*(next(grads) if need else None for need in ctx.needs_input_grad[:3]),
+                gy if ctx.needs_input_grad[3] else None, None, None, None, None, None)
     gx, gw, gb, gres = torch.ops.torchfast.bn_add_relu_backward(
         grad_out, input, out, weight, mean, invstd, ctx.training,
         ctx.relu, ctx.has_residual)
