@@ -129,24 +129,85 @@ def test_sdpa_matches_torch(shape, causal, device):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mask_shape", [(97, 61), (1, 1, 97, 61), (2, 1, 97, 61), (2, 3, 97, 61), (1, 61)])
+@pytest.mark.parametrize("mask_shape", [(97, 61), (1, 1, 97, 61), (2, 1, 97, 61), (2, 3, 97, 61), (1, 61), (97, 1),
+                                        "transposed"])
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_sdpa_masks_match_torch(mask_shape, kind, device):
     torch.manual_seed(1)
     q = torch.randn(2, 3, 97, 32, device=device, requires_grad=True)
     k = torch.randn(2, 3, 61, 32, device=device, requires_grad=True)
     v = torch.randn(2, 3, 61, 40, device=device, requires_grad=True)
+    shape = (61, 97) if mask_shape == "transposed" else mask_shape
     if kind == "bool":
-        mask = torch.rand(mask_shape, device=device) > 0.3
-        mask[..., 0] = True  # keep every row attending to something (torch gives NaN otherwise)
+        mask = torch.rand(shape, device=device) > 0.3
+        mask[..., 0] = True  # keep every row attending to something
     else:
-        mask = torch.randn(mask_shape, device=device)
+        mask = torch.randn(shape, device=device)
+    if mask_shape == "transposed":  # (97, 61) with a strided last dim
+        mask = mask.t()
     a = tf_sdpa(q, k, v, attn_mask=mask, scale=0.3)
     b = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(a)
     for x, y in zip(torch.autograd.grad(a, (q, k, v), g), torch.autograd.grad(b, (q, k, v), g)):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_fully_masked_rows_have_finite_gradients_on_the_reference_path(device):
+    """A mask that requires grad (a learned bias) and a double backward go through the reference:
+    rows whose every key is masked must give zero gradients there too, not NaN."""
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(2, 2, n, 8, device=device, dtype=torch.float64, requires_grad=True) for n in (5, 7, 7))
+    bias = torch.zeros(2, 2, 5, 7, device=device, dtype=torch.float64)
+    bias[:, :, 1] = float("-inf")  # row 1 sees no key
+    bias.requires_grad_()
+    out = tf_sdpa(q, k, v, attn_mask=bias)
+    grads = torch.autograd.grad(out.pow(2).sum(), (q, k, v, bias), create_graph=True)
+    assert all(torch.isfinite(g).all() for g in grads[:3])
+    assert grads[0][:, :, 1].abs().max() == 0 and torch.nan_to_num(grads[3][:, :, 1], nan=1.0).abs().max() == 0
+    second = torch.autograd.grad(sum(g.pow(2).sum() for g in grads[:3]), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in second)
+
+
+def test_forward_mode_ad_and_func_transforms_match_torch(device):
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(2, 2, n, 8, device=device) for n in (5, 7, 7))
+    t = torch.randn_like(q)
+    causal = torch.ones(5, 7, dtype=torch.bool, device=device).tril()
+
+    def eager(a, mask=None):  # torch's own fused SDPA has no forward AD on the CPU
+        s = (a @ k.transpose(-2, -1)) / math.sqrt(8)
+        return torch.softmax(s if mask is None else s.masked_fill(~mask, float("-inf")), -1) @ v
+
+    _, ours = torch.func.jvp(lambda a: tf_sdpa(a, k, v, is_causal=True), (q,), (t,))
+    _, theirs = torch.func.jvp(lambda a: eager(a, causal), (q,), (t,))
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    g_ours = torch.func.grad(lambda a: tf_sdpa(a, k, v).pow(2).sum())(q)
+    g_theirs = torch.func.grad(lambda a: eager(a).pow(2).sum())(q)
+    torch.testing.assert_close(g_ours, g_theirs, rtol=1e-5, atol=1e-5)
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(tf_sdpa(fwAD.make_dual(q, t), k, v, is_causal=True)).tangent
+    torch.testing.assert_close(tangent, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_sdpa_follows_autocast_like_torch():
+    q, k, v = (torch.randn(2, 2, 9, 16) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = tf_sdpa(q, k, v), F.scaled_dot_product_attention(q, k, v)
+        assert ours.dtype == theirs.dtype == torch.bfloat16
+        mixed = tf_sdpa(q.bfloat16(), k, v)  # operands of different dtypes are cast, as torch casts them
+        assert mixed.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), theirs.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_sdpa_mask_with_extra_leading_dims():
+    torch.manual_seed(4)
+    q, k, v, m = torch.randn(3, 5, 8), torch.randn(3, 7, 8), torch.randn(3, 7, 6), torch.randn(1, 3, 5, 7)
+    torch.testing.assert_close(tf_sdpa(q, k, v, attn_mask=m), F.scaled_dot_product_attention(q, k, v, attn_mask=m),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"attn_mask of shape \(2, 3, 5, 7\) has more dims than the inputs"):
+        tf_sdpa(q, k, v, attn_mask=torch.randn(2, 3, 5, 7))
 
 
 def test_sdpa_broadcasts_batch_dims_like_torch(device):

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 import torchfast
+from torchfast import cli
 from torchfast.train.job import JobConfig, run
 
 pytest.importorskip("sklearn")
@@ -55,3 +56,18 @@ def test_resume_with_another_schedule_is_refused(tmp_path):
     with pytest.raises(ValueError, match="resume with the run's own --epochs"):
         run(JobConfig(out=str(tmp_path / "b"), epochs=3, synthetic=12,
                       resume=str(tmp_path / "a" / "checkpoints" / "last.pt")), log=lambda *_: None)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+    (["--batch-size", "-2"], "--batch-size must be at least 1, got -2"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA device"),
+    (["--resume", "no/such/file.pt"], "no such checkpoint file"),
+])
+def test_command_line_user_errors_are_one_line(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -465,3 +465,16 @@ def test_batchnorm_add_relu_broadcasts_the_residual(device):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"residual of shape \(2, 4, 1, 1\) does not broadcast to the input's"):
         fused(x, torch.randn(2, 4, 1, 1, device=device))
+
+
+def test_forward_mode_ad_matches_torch(device):
+    """jvp (forward-mode AD) runs on the reference: the kernels have reverse mode only."""
+    torch.manual_seed(0)
+    x, r, t = (torch.randn(3, 4, 5, 5, device=device) for _ in range(3))
+    # (torch.func cannot update running statistics in place: batch statistics without them, and eval)
+    for train, track in ((True, False), (False, True)):
+        plain = nn.BatchNorm2d(4, track_running_stats=track).to(device).train(train)
+        fused = torchfast.nn.BatchNormAddReLU2d(4, track_running_stats=track).to(device).train(train)
+        _, theirs = torch.func.jvp(lambda a: torch.relu(plain(a) + r), (x,), (t,))
+        _, ours = torch.func.jvp(lambda a: fused(a, r), (x,), (t,))
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)

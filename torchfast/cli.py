@@ -109,6 +109,22 @@ def argv_for_ranks(argv: list) -> list:
     return out
 
 
+def _check_train_args(parser, args) -> None:
+    """User errors get argparse's one-line message (and exit status 2), not a traceback."""
+    for name in ("epochs", "batch_size", "nproc", "synthetic"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if not args.lr > 0:
+        parser.error(f"--lr must be positive, got {args.lr}")
+    if args.amp == "fp16":
+        import torch
+        if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu":
+            parser.error("--amp fp16 needs a CUDA device (use --amp bf16 on the CPU)")
+    if args.resume is not None and not os.path.isfile(args.resume):
+        parser.error(f"--resume {args.resume}: no such checkpoint file")
+
+
 def _train(args) -> int:
     import time
 
@@ -129,6 +145,9 @@ def _train(args) -> int:
                        eager=args.eager, synthetic=args.synthetic, resume=args.resume, seed=args.seed, device=device)
     try:
         summary = run(config)
+    except ValueError as e:  # a run that cannot go on as asked (e.g. --resume with another schedule)
+        print(f"torchfast train: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"interrupted: resume with --resume {os.path.join(out, 'checkpoints', 'interrupted.pt')}",
               file=sys.stderr)
@@ -182,6 +201,7 @@ def main(argv=None) -> int:
                          help="processes for DistributedDataParallel (launched through torch.distributed.run)")
     args = parser.parse_args(argv)
     if args.command == "train":
+        _check_train_args(p_train, args)
         return _train(args)
     if args.command == "info":
         return _print_info(args.json)

@@ -115,9 +115,17 @@ inline at::Tensor attention_mask_operand(const std::optional<at::Tensor>& mask, 
                                          at::ScalarType dtype) {
   if (!mask.has_value() || !mask->defined()) return at::Tensor();
   at::Tensor m = mask->scalar_type() == dtype ? *mask : mask->to(dtype);
-  m = m.expand({sh.B, sh.H, sh.L, sh.S});
-  if (sh.S > 1 && m.stride(3) != 1) m = m.contiguous();  // a mask broadcast along S (rare)
-  return m;
+  if (sh.S > 1) {
+    // A mask broadcast along S, or with a strided last dim (a transposed one), is made unit-stride at
+    // its own rank first, so that the copy has the mask's size, not (B, H, L, S)'s.
+    if (m.dim() == 0) m = m.reshape({1});
+    if (m.size(-1) == 1 || m.stride(-1) != 1) {
+      std::vector<int64_t> sizes = m.sizes().vec();
+      sizes.back() = sh.S;
+      m = m.expand(sizes).contiguous();
+    }
+  }
+  return m.expand({sh.B, sh.H, sh.L, sh.S});
 }
 
 }  // namespace torchfast

@@ -45,6 +45,9 @@ class MultiheadAttention(nn.MultiheadAttention):
         if not batched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
             if key_padding_mask is not None:
+                if key_padding_mask.shape != (key.size(0),):
+                    raise ValueError(f"MultiheadAttention: for unbatched input key_padding_mask must have shape "
+                                     f"(S,) = {(key.size(0),)}, got {tuple(key_padding_mask.shape)}")
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         elif self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)

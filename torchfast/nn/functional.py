@@ -95,6 +95,12 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"{name}: dropout_p must be in [0, 1], got {dropout_p}")
     shapes = f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"  # as received, for errors
+    device_type = query.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        # as torch's SDPA under autocast: fp32/fp16/bf16 operands (and a float mask) in the autocast dtype
+        low = torch.get_autocast_dtype(device_type)
+        cast = lambda t: t.to(low) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+        query, key, value, attn_mask = cast(query), cast(key), cast(value), cast(attn_mask)
     if enable_gqa and query.dim() >= 3 and key.size(-3) != query.size(-3):
         groups, rem = divmod(query.size(-3), key.size(-3))
         if rem:
@@ -114,13 +120,17 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         except RuntimeError:
             raise ValueError(f"{name}: attn_mask of shape {tuple(mask.shape)} does not broadcast to "
                              f"{(*lead, L, S)}") from None
+    if mask is not None and mask.dim() > query.dim():
+        extra = mask.dim() - query.dim()  # leading size-1 dims broadcast away, as in torch
+        if any(d != 1 for d in mask.shape[:extra]):
+            raise ValueError(f"{name}: attn_mask of shape {tuple(mask.shape)} has more dims than the inputs "
+                             f"({shapes})")
+        mask = mask.reshape(mask.shape[extra:])
     if query.dim() != 4:  # fold the batch dims into one (B, 1, L, E) problem
         n = math.prod(lead)
         if mask is not None:
             mask = mask.expand(*lead, L, S).reshape(n, 1, L, S)
         query, key, value = (t.reshape(n, 1, t.size(-2), t.size(-1)) for t in (query, key, value))
-    elif mask is not None and mask.dim() > 4:
-        raise ValueError(f"{name}: attn_mask has rank {mask.dim()}, more than the inputs' 4")
     if scale is None:  # (a zero-width head scores 0 everywhere whatever the scale: uniform weights, as torch)
         scale = 1.0 / math.sqrt(query.size(-1)) if query.size(-1) > 0 else 1.0
     scale = float(scale)

@@ -32,6 +32,18 @@ def exporting() -> bool:
     return bool(is_exporting()) if is_exporting is not None else False
 
 
+def autograd_transforms_active() -> bool:
+    """Whether forward-mode AD (a dual_level) or a torch.func transform (jvp, grad, vmap, ...) is
+    running: the compiled ops have reverse-mode autograd only (forward AD through them would give
+    zero tangents), so callers run the references, whose plain torch ops support every transform."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch.autograd.forward_ad._current_level >= 0:
+        return True
+    level = getattr(torch._C._functorch, "maybe_current_level", None)
+    return level is not None and level() is not None
+
+
 def use_eager_entry() -> bool:
     return not torch.compiler.is_compiling() and not torch._C._is_torch_function_mode_enabled()
 

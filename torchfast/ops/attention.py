@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from torchfast import _loader
-from torchfast.ops._registry import compiled_op, exporting, register_fake_if_compiled
+from torchfast.ops._registry import (autograd_transforms_active, compiled_op, exporting,
+                                      register_fake_if_compiled)
 from torchfast.reference import attention as ref
 
 # The CUDA kernels keep a row's head dim in registers and a key tile in shared memory: head dims above
@@ -68,8 +69,8 @@ if _loader.STATE.loaded:
 def kernel_serves(query: Tensor, value: Tensor, attn_mask: Optional[Tensor]) -> bool:
     """Whether the compiled kernel handles this call (else the reference does)."""
     device = query.device.type
-    if exporting():
-        return False  # exporters get the reference's plain ops
+    if exporting() or autograd_transforms_active():
+        return False  # exporters and torch.func transforms get the reference's plain ops
     if not (_loader.has_kernel("flash_attention", device) and _loader.has_kernel("flash_attention_backward", device)):
         return False
     if attn_mask is not None and attn_mask.requires_grad:

@@ -54,12 +54,13 @@ def flash_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Option
     if is_causal:
         visible = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1) if S > 0 else scores.new_full((B, H, L), float("-inf"))
-    # A fully masked row has lse = -inf: its probabilities are 0 rather than exp(-inf + inf) = NaN.
-    # (A NaN score leaves lse NaN, and the row NaN, as in torch and the kernels.)
-    dead = lse == float("-inf")
-    probs = torch.exp(scores - torch.where(dead, torch.zeros_like(lse), lse).unsqueeze(-1))
-    probs = torch.where(dead.unsqueeze(-1), torch.zeros_like(probs), probs)
+    # A fully masked row (every score -inf) has lse = -inf and probabilities 0, rather than
+    # exp(-inf + inf) = NaN; its scores enter the logsumexp as zeros, so that no NaN reaches the
+    # gradients either. (A NaN score leaves its row NaN, as in torch and the kernels.)
+    dead = ~(scores != float("-inf")).any(-1) if S > 0 else scores.new_ones((B, H, L), dtype=torch.bool)
+    lse = torch.logsumexp(scores.masked_fill(dead.unsqueeze(-1), 0.0), dim=-1) if S > 0 else scores.new_zeros((B, H, L))
+    probs = torch.exp(scores - lse.unsqueeze(-1)).masked_fill(dead.unsqueeze(-1), 0.0)
+    lse = lse.masked_fill(dead, float("-inf"))
     if dropout_p > 0.0:
         keep = dropout_keep_mask(int(rng_seed.item()), B, H, L, S, dropout_p, device=q.device)
         factor = 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
