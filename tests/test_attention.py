@@ -574,6 +574,19 @@ def test_mha_dropout_in_training_only(device):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_mha_nested_tensor_input_like_torch(device):
+    torch.manual_seed(6)
+    theirs = nn.MultiheadAttention(16, 4, batch_first=True).to(device).eval()
+    ours = torchfast.nn.MultiheadAttention(16, 4, batch_first=True).to(device).eval()
+    ours.load_state_dict(theirs.state_dict())
+    nt = torch.nested.nested_tensor([torch.randn(4, 16), torch.randn(6, 16)], device=device)
+    with torch.no_grad():
+        a, b = ours(nt, nt, nt, need_weights=False)[0], theirs(nt, nt, nt, need_weights=False)[0]
+    assert a.is_nested
+    for x, y in zip(a.unbind(), b.unbind()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
 def test_mha_state_dict_both_ways(device):
     theirs, ours = _pair(dict(kdim=24, vdim=40, add_bias_kv=True), device)
     assert list(ours.state_dict()) == list(theirs.state_dict())

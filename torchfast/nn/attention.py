@@ -37,8 +37,9 @@ class MultiheadAttention(nn.MultiheadAttention):
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
-        if need_weights:
-            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=True,
+        if need_weights or any(t.is_nested for t in (query, key, value)):
+            # the weights (L x S by definition), and nested tensors, take nn.MultiheadAttention's own path
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights,
                                    is_causal=is_causal)
         batched = self._check_inputs(query, key, value)
