@@ -374,6 +374,12 @@ def test_cuda_tensor_core_backward_matches_reference(D, dtype, monkeypatch):
                 assert rel < (1e-2 if dtype == torch.float16 else 3e-2), (name, L, S, causal, p, rel.item())
             if m is not None:
                 assert grads[0][:, :, 5].abs().max() == 0  # the fully masked row has no gradient
+            if torch.cuda.get_device_capability() >= (9, 0):  # its tiles fit: the tensor-core kernel ran
+                monkeypatch.setenv("TORCHFAST_ATTENTION_WMMA_BACKWARD", "0")
+                scalar = torch.ops.torchfast.flash_attention_backward(g, q, k, v, out, lse, m, causal, D ** -0.5, p,
+                                                                      seed)
+                monkeypatch.setenv("TORCHFAST_ATTENTION_WMMA_BACKWARD", "1")
+                assert not all(torch.equal(a, b) for a, b in zip(grads, scalar)), "the scalar kernel ran"
 
 
 def test_dropout_edges(device):

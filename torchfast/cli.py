@@ -64,7 +64,7 @@ def _bench(args) -> int:
         name = args.norm_dtype or ("bf16" if device == "cuda" else "fp32")
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
         rows = report["norm"] = bench.norm_report(device=device, rounds=max(5, args.rounds // 2), batch=n,
-                                                  channels=c, size=hw, dtype=dtype)
+                                                  channels=c, size=hw, dtype=dtype, with_compile=not args.no_compile)
         print(f"Batch norm + add + ReLU (batch {n}, {c} channels, {hw}x{hw}, {name}) and the cheat sheet's "
               f"ResidualBlock, {device} ({where}), median of {max(5, args.rounds // 2)} interleaved rounds; GB/s "
               f"counts 11 tensor passes of {dtype.itemsize} B per element for the BN forward+backward.\n")
@@ -109,6 +109,11 @@ def argv_for_ranks(argv: list) -> list:
     return out
 
 
+def _train_device(args) -> str:
+    import torch
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _check_train_args(parser, args) -> None:
     """User errors get argparse's one-line message (and exit status 2), not a traceback."""
     for name in ("epochs", "batch_size", "nproc", "synthetic"):
@@ -117,10 +122,8 @@ def _check_train_args(parser, args) -> None:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if not args.lr > 0:
         parser.error(f"--lr must be positive, got {args.lr}")
-    if args.amp == "fp16":
-        import torch
-        if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu":
-            parser.error("--amp fp16 needs a CUDA device (use --amp bf16 on the CPU)")
+    if args.amp == "fp16" and _train_device(args) == "cpu":
+        parser.error("--amp fp16 needs a CUDA device (use --amp bf16 on the CPU)")
     if args.resume is not None and not os.path.isfile(args.resume):
         parser.error(f"--resume {args.resume}: no such checkpoint file")
 
@@ -132,7 +135,7 @@ def _train(args) -> int:
 
     from torchfast.train.job import JobConfig, run
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _train_device(args)
     out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     if args.nproc > 1 and "RANK" not in os.environ:
         # relaunch this command under torchrun, one process per rank, all writing to one run directory
@@ -185,6 +188,8 @@ def main(argv=None) -> int:
                          help="batch norm / ResidualBlock input (N, C, HW, HW); default: 32 64 32 on the CPU, "
                               "128 64 56 on CUDA")
     p_bench.add_argument("--norm-dtype", choices=["fp32", "bf16", "fp16"], help="default: fp32 on the CPU, bf16 on CUDA")
+    p_bench.add_argument("--no-compile", action="store_true",
+                         help="leave out the torch.compile rows (their compilation takes minutes on a cold cache)")
     p_bench.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     p_train = sub.add_parser("train", help="train ComplexNetwork (fused layers) on scikit-learn's digits")
     p_train.add_argument("--out", help="run directory (default: runs/<timestamp>)")

@@ -110,7 +110,8 @@ inline at::Tensor attention_operand(const at::Tensor& t, at::ScalarType dtype) {
   return r;
 }
 
-// The mask in `dtype`, expanded (without copying) to (B, H, L, S) with a unit-stride last dim.
+// The mask in `dtype`, expanded to (B, H, L, S) with a unit-stride last dim (copied only at its own
+// size, and only when broadcast along S or strided in its last dim).
 inline at::Tensor attention_mask_operand(const std::optional<at::Tensor>& mask, const AttnShape& sh,
                                          at::ScalarType dtype) {
   if (!mask.has_value() || !mask->defined()) return at::Tensor();

@@ -248,18 +248,18 @@ void with_head_dim_bucket(int64_t width, const F& f) {
   }
 }
 
-// Whether a block may use `bytes` of shared memory on this GPU (the tensor-core kernels' D = 128
-// tiles exceed what sm_86/89 offer, and the backward's what sm_80 offers: those use the scalar ones).
+// Whether a block may use `bytes` of shared memory on this GPU (on sm_86/89 the tensor-core forward
+// fits up to D = 64 and the backward only D = 32; on sm_80 the backward up to D = 64: the others
+// run the scalar kernels).
 bool fits_shared_memory(size_t bytes) {
   return bytes <= at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
 }
 
 template <typename Kernel>
 void allow_shared_memory(Kernel kernel, size_t bytes, int64_t D, int64_t Dv) {
-  const auto* prop = at::cuda::getCurrentDeviceProperties();
-  TORCH_CHECK(bytes <= prop->sharedMemPerBlockOptin, "torchfast.flash_attention: head dims (", D, ", ", Dv,
-              ") need ", bytes, " bytes of shared memory per block; this GPU offers ",
-              prop->sharedMemPerBlockOptin);
+  TORCH_CHECK(fits_shared_memory(bytes), "torchfast.flash_attention: head dims (", D, ", ", Dv, ") need ", bytes,
+              " bytes of shared memory per block; this GPU offers ",
+              at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
   if (bytes > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   }
@@ -294,9 +294,11 @@ bool wmma_shape(const at::Tensor& q, const AttnShape& sh) {
   return reduced && dims && at::cuda::getCurrentDeviceProperties()->major >= 8;
 }
 
-bool env_flag(const char* name, bool fallback) {
+// A switch that is on unless set to "0" (default_on), or off unless set to "1".
+bool env_flag(const char* name, bool default_on) {
   const char* env = std::getenv(name);
-  return env == nullptr ? fallback : std::string(env) != "0";
+  if (env == nullptr) return default_on;
+  return default_on ? std::string(env) != "0" : std::string(env) == "1";
 }
 
 // The tensor-core forward is on unless TORCHFAST_ATTENTION_WMMA=0. The tensor-core backward is off

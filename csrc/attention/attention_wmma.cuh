@@ -5,7 +5,8 @@
 // column-major operand), applies scale, mask, causal and dropout and the online softmax in scalar
 // code (two lanes per row, 32 columns each), writes the probabilities as fp16/bf16, and adds P V
 // into its fp32 output rows, kept in shared memory so that the softmax can rescale them by row.
-// Included by attention_cuda.cu; the caller checks the head dim (kHeadDims) and the arch (sm_80+).
+// Included by attention_cuda.cu; the caller checks the head dim (32, 64 or 128), the arch (sm_80+) and
+// that the tiles fit the GPU's shared memory.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -91,8 +91,9 @@ const T* ptr_or_null(const std::optional<at::Tensor>& t) {
 template <typename scalar_t>
 constexpr bool kVectorRows = std::is_same_v<scalar_t, acc_type_t<scalar_t>>;
 
+// map_streams takes mutable pointers; the read-only streams are only loaded.
 template <typename T>
-T* stream(const T* p) {
+T* as_mut(const T* p) {
   return const_cast<T*>(p);
 }
 
@@ -145,7 +146,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor* residual, const std::op
     const auto sums = packed_channel_sums<scalar_t, 1>(M, C, [&](int64_t row, acc_t* acc) {
       const scalar_t* r = xp + row * C;
       if constexpr (kVectorRows<scalar_t>) {
-        map_streams<scalar_t, 2, 0b11u, 0b10u>({stream(r), acc}, C, [](auto& v) { v[1] = v[1] + v[0]; });
+        map_streams<scalar_t, 2, 0b11u, 0b10u>({as_mut(r), acc}, C, [](auto& v) { v[1] = v[1] + v[0]; });
       } else {
         for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<acc_t>(r[c]);
       }
@@ -155,7 +156,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor* residual, const std::op
     const auto sq = packed_channel_sums<scalar_t, 1>(M, C, [&](int64_t row, acc_t* acc) {
       const scalar_t* r = xp + row * C;
       if constexpr (kVectorRows<scalar_t>) {
-        map_streams<scalar_t, 3, 0b111u, 0b100u>({stream(r), mu.data(), acc}, C, [](auto& v) {
+        map_streams<scalar_t, 3, 0b111u, 0b100u>({as_mut(r), mu.data(), acc}, C, [](auto& v) {
           const auto d = v[0] - v[1];
           v[2] = v[2] + d * d;
         });
@@ -203,7 +204,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor* residual, const std::op
           if constexpr (kVectorRows<scalar_t>) {
             // streams: 0 x, 1 residual, 2 out, 3 scale, 4 shift
             map_streams<scalar_t, 5, kRes ? 0b11011u : 0b11001u, 0b00100u>(
-                {stream(xr), stream(rr), orow, scale.data(), shift.data()}, C, [relu](auto& v) {
+                {as_mut(xr), as_mut(rr), orow, scale.data(), shift.data()}, C, [relu](auto& v) {
                   v[2] = bn_add_relu_forward(v[0], v[1], v[3], v[4], relu);
                 });
             continue;
@@ -264,7 +265,7 @@ void backward_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& o
       if constexpr (kVectorRows<scalar_t>) {
         // streams: 0 grad_out, 1 out, 2 x, 3 mean, 4 sum dy, 5 sum dy * (x - mean)
         map_streams<scalar_t, 6, 0b111111u, 0b110000u>(
-            {stream(gr), stream(orow), stream(xr), stream(mean), acc, acc + C}, C, [relu](auto& v) {
+            {as_mut(gr), as_mut(orow), as_mut(xr), as_mut(mean), acc, acc + C}, C, [relu](auto& v) {
               const auto dy = relu_backward(v[0], v[1], relu);
               v[4] = v[4] + dy;
               v[5] = v[5] + dy * (v[2] - v[3]);
@@ -318,8 +319,8 @@ void backward_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& o
             // streams: 0 grad_out, 1 out, 2 x, 3 grad_input, 4 grad_residual, 5 mean, 6 invstd, 7 k,
             // 8 mean dy, 9 mean dy * xhat
             map_streams<scalar_t, 10, 0b1111100111u, kRes ? 0b11000u : 0b01000u>(
-                {stream(gp + off), stream(outp + off), stream(xp + off), gxp + off, kRes ? gres + off : nullptr,
-                 stream(mean), stream(invstd), k.data(), mdy.data(), mdyx.data()},
+                {as_mut(gp + off), as_mut(outp + off), as_mut(xp + off), gxp + off, kRes ? gres + off : nullptr,
+                 as_mut(mean), as_mut(invstd), k.data(), mdy.data(), mdyx.data()},
                 C, [relu, training](auto& v) {
                   const auto dy = relu_backward(v[0], v[1], relu);
                   v[3] = bn_input_grad(dy, v[2], v[5], v[6], v[7], v[8], v[9], training);

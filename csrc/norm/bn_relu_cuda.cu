@@ -285,6 +285,13 @@ void with_pack_width(const Geometry& g, std::initializer_list<const void*> ptrs,
   }
 }
 
+// Calls f(width, index) for an element-wise launch: the pack width (see with_pack_width) and the
+// index type (see with_index_type) as compile-time tags.
+template <typename scalar_t, typename F>
+void with_elementwise_types(const Geometry& g, int64_t numel, std::initializer_list<const void*> ptrs, const F& f) {
+  with_pack_width<scalar_t>(g, ptrs, [&](auto width) { with_index_type(numel, [&](auto index) { f(width, index); }); });
+}
+
 int elementwise_blocks(int64_t numel) {
   const int64_t blocks = (numel + kThreads - 1) / kThreads;
   return static_cast<int>(std::min<int64_t>(std::max<int64_t>(blocks, 1), 65535));
@@ -334,15 +341,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_cuda(
     if (x.numel() > 0) {
       const scalar_t* rp = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
       scalar_t* op = out.mutable_data_ptr<scalar_t>();
-      with_pack_width<scalar_t>(g, {x.const_data_ptr(), rp, op}, [&](auto width) {
+      with_elementwise_types<scalar_t>(g, x.numel(), {x.const_data_ptr(), rp, op}, [&](auto width, auto index) {
         constexpr int V = decltype(width)::value;
-        with_index_type(x.numel(), [&](auto index) {
-          apply_kernel<scalar_t, acc_t, decltype(index), V>
-              <<<elementwise_blocks(x.numel() / V), kThreads, 0, stream>>>(
-                  x.const_data_ptr<scalar_t>(), rp, op, g, x.numel(), mean.const_data_ptr<acc_t>(),
-                  invstd.const_data_ptr<acc_t>(), opt_ptr<acc_t>(w), opt_ptr<acc_t>(b), relu);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
+        apply_kernel<scalar_t, acc_t, decltype(index), V><<<elementwise_blocks(x.numel() / V), kThreads, 0, stream>>>(
+            x.const_data_ptr<scalar_t>(), rp, op, g, x.numel(), mean.const_data_ptr<acc_t>(),
+            invstd.const_data_ptr<acc_t>(), opt_ptr<acc_t>(w), opt_ptr<acc_t>(b), relu);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     }
   });
@@ -377,19 +381,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_backward_
     }
     if (x.numel() > 0) {
       scalar_t* grp = has_residual ? gres.mutable_data_ptr<scalar_t>() : nullptr;
-      with_pack_width<scalar_t>(g, {g_out.const_data_ptr(), o.const_data_ptr(), x.const_data_ptr(), gx.const_data_ptr(),
-                                    grp},
-                                [&](auto width) {
+      const std::initializer_list<const void*> ptrs = {g_out.const_data_ptr(), o.const_data_ptr(), x.const_data_ptr(),
+                                                        gx.const_data_ptr(), grp};
+      with_elementwise_types<scalar_t>(g, x.numel(), ptrs, [&](auto width, auto index) {
         constexpr int V = decltype(width)::value;
-        with_index_type(x.numel(), [&](auto index) {
-          input_grad_kernel<scalar_t, acc_t, decltype(index), V>
-              <<<elementwise_blocks(x.numel() / V), kThreads, 0, stream>>>(
-                  g_out.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), g,
-                  x.numel(), mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), opt_ptr<acc_t>(w),
-                  gb.const_data_ptr<acc_t>(), gw.const_data_ptr<acc_t>(), training, relu,
-                  gx.mutable_data_ptr<scalar_t>(), grp);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
+        input_grad_kernel<scalar_t, acc_t, decltype(index), V>
+            <<<elementwise_blocks(x.numel() / V), kThreads, 0, stream>>>(
+                g_out.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), g,
+                x.numel(), mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), opt_ptr<acc_t>(w),
+                gb.const_data_ptr<acc_t>(), gw.const_data_ptr<acc_t>(), training, relu, gx.mutable_data_ptr<scalar_t>(),
+                grp);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     }
   });

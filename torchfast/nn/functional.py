@@ -80,21 +80,19 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     is_causal masks key j > query i (top-left aligned; it may be combined with attn_mask, where torch
     raises); batch dims broadcast; scale defaults to 1/sqrt(E); enable_gqa
     lets key/value have fewer heads (dim -3) than query. The (L, S) scores are never materialised,
-    and rows whose every key is masked give 0 (torch may give NaN there). dropout_p > 0 draws its
+    and rows whose every key is masked give 0 with zero gradients (older torch gave NaN). dropout_p > 0 draws its
     mask from a seed taken from torch's default generator, so torch.manual_seed reproduces it; the
     mask differs from torch's own dropout draws (same distribution). An attn_mask that requires
     grad runs on the reference (the kernels give no mask gradient).
     """
     name = "scaled_dot_product_attention"
+    shapes = f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"  # as received, for errors
     if query.dim() < 2 or key.dim() != query.dim() or value.dim() != query.dim():
-        raise ValueError(f"{name}: query, key and value must have the same rank >= 2, got shapes "
-                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+        raise ValueError(f"{name}: query, key and value must have the same rank >= 2, got shapes {shapes}")
     if query.size(-1) != key.size(-1) or key.size(-2) != value.size(-2):
-        raise ValueError(f"{name}: expected query (..., L, E), key (..., S, E), value (..., S, Ev); got "
-                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+        raise ValueError(f"{name}: expected query (..., L, E), key (..., S, E), value (..., S, Ev); got {shapes}")
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"{name}: dropout_p must be in [0, 1], got {dropout_p}")
-    shapes = f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"  # as received, for errors
     device_type = query.device.type
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         # as torch's SDPA under autocast: fp32/fp16/bf16 operands (and a float mask) in the autocast dtype
@@ -107,7 +105,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             raise ValueError(f"{name}: with enable_gqa, query heads ({query.size(-3)}) must be a multiple of "
                              f"key/value heads ({key.size(-3)})")
         key, value = key.repeat_interleave(groups, dim=-3), value.repeat_interleave(groups, dim=-3)
-    try:  # batch dims broadcast, as in torch (expanded views: no copies)
+    try:  # batch dims broadcast, as in torch (expanded views; the 4-D kernels read them in place)
         lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
     except RuntimeError:
         raise ValueError(f"{name}: the batch dims of query, key and value do not broadcast: {shapes}") from None

@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from torchfast.nn import _onednn
 from torchfast.nn.functional import batch_norm_add_relu
@@ -143,10 +144,10 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> tuple[
 
 
 def _versions(tensors) -> tuple:
-    """What identifies the tensors' contents to torch: version counters and storage (a .to() or a
-    replaced .data gets new storage). Raises RuntimeError for inference tensors (no version counter)."""
-    return tuple(t._version for t in tensors if t is not None) + tuple(
-        t.data_ptr() if t is not None else 0 for t in tensors)
+    """What identifies the tensors' contents to torch: the tensor objects, their version counters
+    and storage (a .to() or a replaced .data gets new storage). Raises RuntimeError for inference
+    tensors (no version counter)."""
+    return tuple((id(t), t._version, t.data_ptr()) if t is not None else None for t in tensors)
 
 
 def _fold_for_layout(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm, channels_last: bool):
@@ -167,13 +168,15 @@ class FoldedConvBN:
         self.by_layout: dict = {}
 
     def get(self, conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm, channels_last: bool) -> tuple[Tensor, Tensor]:
+        if torch.compiler.is_compiling() or exporting() or parametrize.is_parametrized(conv) or \
+                parametrize.is_parametrized(bn):
+            # traced, or a parametrized weight (weight_norm, spectral_norm: recomputed on each access)
+            return _fold_for_layout(conv, bn, channels_last)
         # straight from the modules' dicts: nn.Module.__getattr__ would cost ~1 us per tensor, which
         # shows at batch-1 inference
         p, q, b = conv._parameters, bn._parameters, bn._buffers
         sources = (p["weight"], p.get("bias"), q.get("weight"), q.get("bias"), b.get("running_mean"),
                    b.get("running_var"))
-        if torch.compiler.is_compiling() or exporting():
-            return _fold_for_layout(conv, bn, channels_last)
         try:
             key = _versions(sources) + (bn.eps,)
         except RuntimeError:  # inference tensors: nothing tells whether they changed
@@ -186,8 +189,8 @@ class FoldedConvBN:
 
 
 def plain_path_needed(module: nn.Module, bns, x: Tensor) -> bool:
-    """Whether a fused layer should run its submodules as the plain torch stack does: when hooks sit
-    on them (they fire only if the submodules are called), when a batch norm is not a plain
+    """Whether a fused layer should run its submodules as the plain torch stack does: when forward or
+    backward hooks sit on them (they fire only if the submodules are called), when a batch norm is not a plain
     nn.BatchNorm2d (e.g. SyncBatchNorm after convert_sync_batchnorm), or under autocast (which
     applies to the submodules' ops, so the fused kernels would change the result's dtype)."""
     if any(type(bn) not in (nn.BatchNorm2d, BatchNormReLU2d, BatchNormAddReLU2d) for bn in bns):
@@ -195,9 +198,11 @@ def plain_path_needed(module: nn.Module, bns, x: Tensor) -> bool:
     if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
         return True
     hooks = nn.modules.module
-    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+    if (hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
+            or hooks._global_backward_pre_hooks):
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.children())
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in module.children())
 
 
 def can_fold(module: nn.Module, bns, x: Tensor) -> bool:
@@ -234,11 +239,11 @@ class ResidualBlock(nn.Module):
 
     Training: each BN + (residual add) + ReLU is one fused kernel; on the CPU a contiguous fp32
     input runs channels_last inside the block (its convolutions are faster so) and the output is
-    converted back. Inference (eval mode, no
-    gradient needed): the BNs are folded into the convolutions (cached until a parameter or buffer
-    changes or the mode switches), the convolutions keep the input's layout (channels_last inputs
-    are the fast case on CPU), and the residual add + ReLU is one fused epilogue (on CPU fp32, the
-    ReLU and the add + ReLU run as oneDNN post-ops of the convolutions).
+    converted back. Inference (eval mode, no gradient needed): the BNs are folded into the
+    convolutions (cached until a parameter or buffer changes or the mode switches), the convolutions
+    keep the input's layout (channels_last inputs are the fast case on CPU), and the ReLU and the
+    residual add + ReLU follow each convolution: as oneDNN post-ops on CPU fp32 inputs from 16K
+    elements, as torch's in-place ops on other CPU inputs, as one fused kernel on CUDA.
     """
 
     def __init__(self, channels: int):

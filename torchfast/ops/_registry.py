@@ -32,6 +32,14 @@ def exporting() -> bool:
     return bool(is_exporting()) if is_exporting is not None else False
 
 
+def grads_through(output, inputs, needs, grad_output) -> list:
+    """Differentiable gradients of `output` with respect to those `inputs` whose `needs` flag is set
+    (None for the others), for a double backward through a reference computation."""
+    wanted = [t for t, need in zip(inputs, needs) if need]
+    grads = iter(torch.autograd.grad(output, wanted, grad_output, create_graph=True) if wanted else ())
+    return [next(grads) if need else None for need in needs]
+
+
 def autograd_transforms_active() -> bool:
     """Whether forward-mode AD (a dual_level) or a torch.func transform (jvp, grad, vmap, ...) is
     running: the compiled ops have reverse-mode autograd only (forward AD through them would give
@@ -40,8 +48,7 @@ def autograd_transforms_active() -> bool:
         return False
     if torch.autograd.forward_ad._current_level >= 0:
         return True
-    level = getattr(torch._C._functorch, "maybe_current_level", None)
-    return level is not None and level() is not None
+    return torch._C._are_functorch_transforms_active()
 
 
 def use_eager_entry() -> bool:

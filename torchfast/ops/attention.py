@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from torchfast import _loader
-from torchfast.ops._registry import (autograd_transforms_active, compiled_op, exporting,
+from torchfast.ops._registry import (autograd_transforms_active, compiled_op, exporting, grads_through,
                                       register_fake_if_compiled)
 from torchfast.reference import attention as ref
 
@@ -48,11 +48,10 @@ def _backward(ctx, grad_out, _grad_lse):
     if torch.is_grad_enabled():
         # create_graph=True (double backward): the kernel's backward is not differentiable, so the
         # gradient is taken through the reference, which builds a graph of its own.
-        wanted = [t for t, need in zip((query, key, value), ctx.needs_input_grad[:3]) if need]
         ref_out, _ = ref.flash_attention(query, key, value, attn_mask, ctx.is_causal, ctx.scale, ctx.dropout_p,
                                          rng_seed)
-        grads = iter(torch.autograd.grad(ref_out, wanted, grad_out, create_graph=True))
-        return (*(next(grads) if need else None for need in ctx.needs_input_grad[:3]), None, None, None, None, None)
+        return (*grads_through(ref_out, (query, key, value), ctx.needs_input_grad[:3], grad_out),
+                None, None, None, None, None)
     gq, gk, gv = torch.ops.torchfast.flash_attention_backward(
         grad_out.contiguous(), query, key, value, out, lse, attn_mask, ctx.is_causal, ctx.scale, ctx.dropout_p,
         rng_seed)

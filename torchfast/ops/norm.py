@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from torchfast import _loader
-from torchfast.ops._registry import (autograd_transforms_active, compiled_op, exporting,
+from torchfast.ops._registry import (autograd_transforms_active, compiled_op, exporting, grads_through,
                                       register_fake_if_compiled)
 from torchfast.reference import norm as ref
 
@@ -40,7 +40,7 @@ def _setup_context(ctx, inputs, output):
     ctx.training, ctx.relu, ctx.has_residual, ctx.eps = training, relu, residual is not None, eps
     ctx.weight_dtype = None if weight is None else weight.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.mark_non_differentiable(mean, invstd, output[3])
+    ctx.mark_non_differentiable(mean, invstd, var)
 
 
 def _backward(ctx, grad_out, _gm, _gi, _gv):
@@ -53,9 +53,7 @@ def _backward(ctx, grad_out, _gm, _gi, _gv):
         bn_out = ref.bn_add_relu(input, weight, bias, None, None if ctx.training else mean,
                                  None if ctx.training else var, ctx.training, ctx.eps, False)[0]
         gy = torch.where(out > 0, grad_out, torch.zeros_like(grad_out)) if ctx.relu else grad_out
-        wanted = [t for t, need in zip((input, weight, bias), ctx.needs_input_grad[:3]) if need]
-        grads = iter(torch.autograd.grad(bn_out, wanted, gy, create_graph=True) if wanted else ())
-        return (*(next(grads) if need else None for need in ctx.needs_input_grad[:3]),
+        return (*grads_through(bn_out, (input, weight, bias), ctx.needs_input_grad[:3], gy),
                 gy if ctx.needs_input_grad[3] else None, None, None, None, None, None)
     gx, gw, gb, gres = torch.ops.torchfast.bn_add_relu_backward(
         grad_out, input, out, weight, mean, invstd, ctx.training,
