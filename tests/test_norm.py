@@ -478,3 +478,31 @@ def test_forward_mode_ad_matches_torch(device):
         _, theirs = torch.func.jvp(lambda a: torch.relu(plain(a) + r), (x,), (t,))
         _, ours = torch.func.jvp(lambda a: fused(a, r), (x,), (t,))
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("wrap", ["weight_norm", "spectral_norm"])
+def test_parametrized_convolutions_in_eval(wrap):
+    """A parametrized conv weight is recomputed on each access: the folded path folds it afresh."""
+    from torch.nn.utils import parametrizations
+    torch.manual_seed(0)
+    theirs, ours = SeedResidualBlock(4), torchfast.nn.ResidualBlock(4)
+    for m in (theirs, ours):
+        getattr(parametrizations, wrap)(m.conv1)
+    ours.load_state_dict(theirs.state_dict())
+    theirs.eval()
+    ours.eval()
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+        for m in (theirs, ours):  # a change of the underlying parameter is seen
+            weight = m.conv1.parametrizations.weight
+            (weight.original if wrap == "spectral_norm" else weight.original0).mul_(0.5)
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_backward_hooks_on_submodules_fire():
+    block, seen = torchfast.nn.ResidualBlock(4), []
+    block.bn1.register_full_backward_hook(lambda m, gi, go: seen.append("bn1"))
+    block.relu.register_full_backward_pre_hook(lambda m, go: seen.append("relu"))
+    block(torch.randn(2, 4, 5, 5, requires_grad=True)).sum().backward()
+    assert "bn1" in seen and "relu" in seen
