@@ -24,38 +24,64 @@
 namespace torchfast {
 namespace {
 
-// Sums K per-element contributions over one contiguous run of n elements of NS streams.
-// f(x, acc) adds to acc (an array of K accumulators of x's type: Vectorized or scalar).
-template <typename scalar_t, size_t NS, uint32_t kLoad, size_t K, typename F>
-std::array<double, K> reduce_run(const std::array<const scalar_t*, NS>& ptrs, int64_t n, const F& f) {
+// Sums K per-element contributions over one channel's runs of NS streams (planar layout: one run
+// of S elements per sample): f(x, acc) adds to acc (an array of K accumulators of x's type,
+// Vectorized or scalar). The vector accumulators carry across runs and are added into doubles
+// every kFlush elements: short runs (small images) do not pay a horizontal sum each.
+template <typename scalar_t, size_t NS, uint32_t kLoad, size_t K>
+class ChannelReducer {
+ public:
+  template <typename F>
+  void add(const std::array<const scalar_t*, NS>& ptrs, int64_t n, const F& f) {
+    std::array<scalar_t*, NS> mut;
+    for (size_t k = 0; k < NS; ++k) mut[k] = const_cast<scalar_t*>(ptrs[k]);
+    map_streams<scalar_t, NS, kLoad, 0u>(mut, n, [&](auto& x) {
+      using V = std::decay_t<decltype(x[0])>;
+      if constexpr (std::is_same_v<V, acc_t>) {
+        f(x, sacc_);
+      } else {
+        f(x, vacc_);
+      }
+    });
+    pending_ += n;
+    if (pending_ >= kFlush) flush();
+  }
+
+  std::array<double, K> totals() {
+    flush();
+    return total_;
+  }
+
+ private:
   using acc_t = acc_type_t<scalar_t>;
   using aVec = at::vec::Vectorized<acc_t>;
-  std::array<aVec, K> vacc;
-  std::array<acc_t, K> sacc;
-  for (size_t k = 0; k < K; ++k) {
-    vacc[k] = aVec(acc_t(0));
-    sacc[k] = acc_t(0);
-  }
-  std::array<scalar_t*, NS> mut;
-  for (size_t k = 0; k < NS; ++k) mut[k] = const_cast<scalar_t*>(ptrs[k]);
-  map_streams<scalar_t, NS, kLoad, 0u>(mut, n, [&](auto& x) {
-    using V = std::decay_t<decltype(x[0])>;
-    if constexpr (std::is_same_v<V, acc_t>) {
-      f(x, sacc);
-    } else {
-      f(x, vacc);
+  static constexpr int64_t kFlush = 16384;  // elements per fp32 partial: ~1K per vector lane
+
+  void flush() {
+    for (size_t k = 0; k < K; ++k) {
+      alignas(64) acc_t lanes[aVec::size()];
+      vacc_[k].store(lanes);
+      double t = sacc_[k];
+      for (int64_t l = 0; l < aVec::size(); ++l) t += lanes[l];
+      total_[k] += t;
+      vacc_[k] = aVec(acc_t(0));
+      sacc_[k] = acc_t(0);
     }
-  });
-  std::array<double, K> out;
-  for (size_t k = 0; k < K; ++k) {
-    alignas(64) acc_t lanes[aVec::size()];
-    vacc[k].store(lanes);
-    double total = sacc[k];
-    for (int64_t l = 0; l < aVec::size(); ++l) total += lanes[l];
-    out[k] = total;
+    pending_ = 0;
   }
-  return out;
-}
+
+  std::array<aVec, K> vacc_ = filled<aVec>();
+  std::array<acc_t, K> sacc_ = filled<acc_t>();
+  std::array<double, K> total_ = filled<double>();
+  int64_t pending_ = 0;
+
+  template <typename T>
+  static std::array<T, K> filled() {
+    std::array<T, K> a;
+    a.fill(T(0));
+    return a;
+  }
+};
 
 // Per-channel sums over the packed (M, C) layout: g(row_pointers..., acc) adds row contributions to
 // K per-channel accumulator rows. Rows are summed in fp32 blocks of 256, then in double.
@@ -125,18 +151,18 @@ void forward_impl(const at::Tensor& x, const at::Tensor* residual, const std::op
   } else if (sh.planar) {
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        double sum = 0;
+        ChannelReducer<scalar_t, 1, 0b1u, 1> sums;
         for (int64_t n = 0; n < sh.N; ++n)
-          sum += reduce_run<scalar_t, 1, 0b1u, 1>({xp + (n * C + c) * sh.S}, sh.S,
-                                                  [](auto& v, auto& acc) { acc[0] = acc[0] + v[0]; })[0];
-        const double mu = M > 0 ? sum / M : 0.0;
-        double ss = 0;
+          sums.add({xp + (n * C + c) * sh.S}, sh.S, [](auto& v, auto& acc) { acc[0] = acc[0] + v[0]; });
+        const double mu = M > 0 ? sums.totals()[0] / M : 0.0;
+        ChannelReducer<scalar_t, 1, 0b1u, 1> squares;
         for (int64_t n = 0; n < sh.N; ++n)
-          ss += reduce_run<scalar_t, 1, 0b1u, 1>({xp + (n * C + c) * sh.S}, sh.S, [mu](auto& v, auto& acc) {
-                  using V = std::decay_t<decltype(v[0])>;
-                  const V d = v[0] - V(static_cast<acc_t>(mu));
-                  acc[0] = acc[0] + d * d;
-                })[0];
+          squares.add({xp + (n * C + c) * sh.S}, sh.S, [mu](auto& v, auto& acc) {
+            using V = std::decay_t<decltype(v[0])>;
+            const V d = v[0] - V(static_cast<acc_t>(mu));
+            acc[0] = acc[0] + d * d;
+          });
+        const double ss = squares.totals()[0];
         mean[c] = static_cast<acc_t>(mu);
         var[c] = static_cast<acc_t>(M > 0 ? ss / M : 0.0);
         invstd[c] = static_cast<acc_t>(1.0 / std::sqrt(ss / M + eps));
@@ -241,22 +267,20 @@ void backward_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& o
   if (sh.planar) {
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        double s0 = 0, s1 = 0;
         const acc_t mu = mean[c];
+        ChannelReducer<scalar_t, 3, 0b111u, 2> sums;
         for (int64_t n = 0; n < sh.N; ++n) {
           const int64_t off = (n * C + c) * sh.S;
-          const auto r = reduce_run<scalar_t, 3, 0b111u, 2>(
-              {gp + off, outp + off, xp + off}, sh.S, [mu, relu](auto& v, auto& acc) {
-                using V = std::decay_t<decltype(v[0])>;
-                const V dy = relu_backward(v[0], v[1], relu);
-                acc[0] = acc[0] + dy;
-                acc[1] = acc[1] + dy * (v[2] - V(mu));
-              });
-          s0 += r[0];
-          s1 += r[1];
+          sums.add({gp + off, outp + off, xp + off}, sh.S, [mu, relu](auto& v, auto& acc) {
+            using V = std::decay_t<decltype(v[0])>;
+            const V dy = relu_backward(v[0], v[1], relu);
+            acc[0] = acc[0] + dy;
+            acc[1] = acc[1] + dy * (v[2] - V(mu));
+          });
         }
-        sum_dy[c] = static_cast<acc_t>(s0);
-        sum_dy_xhat[c] = static_cast<acc_t>(s1 * invstd[c]);
+        const auto t = sums.totals();
+        sum_dy[c] = static_cast<acc_t>(t[0]);
+        sum_dy_xhat[c] = static_cast<acc_t>(t[1] * invstd[c]);
       }
     });
   } else {

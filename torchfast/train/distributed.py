@@ -48,7 +48,13 @@ def setup(info: DistInfo, device: torch.device) -> torch.device:
 
 
 def cleanup() -> None:
+    """Leaves the process group in step with the other ranks: a rank that tears its gloo connections
+    down while a peer still talks to it (say, rank 0 saving a checkpoint) can make that peer abort."""
     if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        except RuntimeError:  # a peer is already gone: nothing left to wait for
+            pass
         dist.destroy_process_group()
 
 
