@@ -44,10 +44,9 @@ def batch_norm_add_relu(input: Tensor, running_mean: Optional[Tensor], running_v
         None if use_batch_stats else running_var, use_batch_stats, eps, relu)
     n = input.numel() // c if c else 0
     if training and running_mean is not None and running_var is not None and n > 0:  # torch skips empty batches
-        with torch.no_grad():
-            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            unbiased = var * (n / max(n - 1, 1))
-            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        with torch.no_grad():  # (1 - momentum) * running + momentum * batch, one op each
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            running_var.lerp_((var * (n / max(n - 1, 1))).to(running_var.dtype), momentum)
     return out
 
 
