@@ -368,6 +368,33 @@ def test_double_backward_matches_torch(device):
     xs = (torch.randn(3, 3, 2, 2, device=device, dtype=torch.float64, requires_grad=True), w, b,
           torch.randn(3, 3, 2, 2, device=device, dtype=torch.float64, requires_grad=True))
     assert torch.autograd.gradgradcheck(fn, xs)
+    # optional tensors left out (the autograd node has an edge per given tensor only), eval included
+    rm, rv = torch.zeros(3, device=device, dtype=torch.float64), torch.ones(3, device=device, dtype=torch.float64)
+    for weight, bias, res, training in ((None, None, False, True), (w, None, False, False), (None, b, True, True)):
+        def partial(x, *rest, weight=weight, bias=bias, res=res, training=training):
+            r = rest[0] if res else None
+            return torch.ops.torchfast.bn_add_relu(x, weight, bias, r, None if training else rm,
+                                                   None if training else rv, training, 1e-5, True)[0]
+        args = (xs[0],) + ((xs[3],) if res else ())
+        assert torch.autograd.gradgradcheck(partial, args)
+        torch.autograd.grad(torchfast.nn.BatchNormReLU2d(3).to(device).double()(xs[0]).sum(), xs[0], create_graph=True)
+
+
+def test_statistics_outputs_and_compiled_autograd(device):
+    """The statistics come out detached; a compiled-autograd backward of an eager forward works."""
+    require_kernel("bn_add_relu", device)
+    x = torch.randn(2, 3, 4, 4, device=device, requires_grad=True)
+    out, mean, invstd, var = torch.ops.torchfast.bn_add_relu(x, None, None, None, None, None, True, 1e-5, True)
+    assert not (mean.requires_grad or invstd.requires_grad or var.requires_grad)
+    compiled_autograd = getattr(getattr(torch._dynamo, "compiled_autograd", None), "_enable", None)
+    if compiled_autograd is None:
+        pytest.skip("this torch has no compiled autograd")
+    loss = out.pow(2).sum()
+    with compiled_autograd(torch.compile(backend="aot_eager")):
+        loss.backward()
+    expected, = torch.autograd.grad(torch.relu(torch.nn.functional.batch_norm(x, None, None, training=True)).pow(2).sum(),
+                                    x)
+    torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_empty_batch_keeps_running_statistics(device):

@@ -84,8 +84,20 @@ class BnAddRelu : public torch::autograd::Function<BnAddRelu> {
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["relu"] = relu;
     ctx->saved_data["has_residual"] = residual.has_value() && residual->defined();
-    ctx->mark_non_differentiable({mean, invstd, var});
+    // The statistics are not differentiable; they are detached by the caller rather than marked
+    // here (compiled autograd does not take marked outputs of C++ functions).
     return {out, mean, invstd, var};
+  }
+
+  // Whether forward argument `arg` (0 input, 1 weight, 2 bias, 3 residual) needs a gradient. The
+  // node has an edge per defined tensor argument only, so the edge index counts the defined ones
+  // before it.
+  static bool needs_grad(AutogradContext* ctx, const variable_list& saved, size_t arg) {
+    const bool defined[4] = {true, saved[2].defined(), saved[3].defined(), ctx->saved_data["has_residual"].toBool()};
+    if (!defined[arg]) return false;
+    size_t edge = 0;
+    for (size_t a = 0; a < arg; ++a) edge += defined[a] ? 1 : 0;
+    return ctx->needs_input_grad(edge);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -98,13 +110,15 @@ class BnAddRelu : public torch::autograd::Function<BnAddRelu> {
     variable_list result(9);  // one per forward argument; the non-tensor ones stay undefined
     if (!grad_out.defined()) return result;
     if (at::GradMode::is_enabled()) {  // create_graph=True: a differentiable backward
-      const at::Tensor gy = relu ? at::where(out > 0, grad_out, at::zeros_like(grad_out)) : grad_out;
-      const at::Tensor y = differentiable_batch_norm(input, weight, bias, mean, var, training,
+      // (out, mean and var are this node's own outputs: unpacked, they lead back to this node, so
+      // they enter only detached -- as the constants they are here)
+      const at::Tensor gy = relu ? at::where(out.detach() > 0, grad_out, at::zeros_like(grad_out)) : grad_out;
+      const at::Tensor y = differentiable_batch_norm(input, weight, bias, mean.detach(), var.detach(), training,
                                                      ctx->saved_data["eps"].toDouble());
       variable_list wanted;
       std::vector<size_t> slots;
       for (size_t i = 0; i < 3; ++i) {
-        if (ctx->needs_input_grad(i)) {
+        if (needs_grad(ctx, saved, i)) {
           wanted.push_back(saved[i == 0 ? 0 : i + 1]);  // input, weight, bias
           slots.push_back(i);
         }
@@ -114,15 +128,16 @@ class BnAddRelu : public torch::autograd::Function<BnAddRelu> {
                                                       /*create_graph=*/true, /*allow_unused=*/true);
         for (size_t n = 0; n < slots.size(); ++n) result[slots[n]] = g[n];
       }
-      if (ctx->needs_input_grad(3)) result[3] = gy;
+      if (needs_grad(ctx, saved, 3)) result[3] = gy;
       return result;
     }
-    auto [gx, gw, gb, gres] = backward_kernel(grad_out, input, out, defined_or_none(weight), mean,
-                                              invstd, training, relu, has_residual);
-    result[0] = gx;
-    if (weight.defined()) result[1] = gw.to(weight.scalar_type());
-    if (bias.defined()) result[2] = gb.to(bias.scalar_type());
-    if (has_residual) result[3] = gres;
+    const bool residual_grad = has_residual && needs_grad(ctx, saved, 3);
+    auto [gx, gw, gb, gres] = backward_kernel(grad_out, input, out, defined_or_none(weight), mean, invstd, training,
+                                              relu, residual_grad);
+    if (needs_grad(ctx, saved, 0)) result[0] = gx;
+    if (needs_grad(ctx, saved, 1)) result[1] = gw.to(weight.scalar_type());
+    if (needs_grad(ctx, saved, 2)) result[2] = gb.to(bias.scalar_type());
+    if (residual_grad) result[3] = gres;
     return result;
   }
 };
@@ -132,7 +147,7 @@ Outputs bn_add_relu_autograd(const at::Tensor& input, const OptTensor& weight, c
                              bool training, double eps, bool relu) {
   const variable_list outs =
       BnAddRelu::apply(input, weight, bias, residual, running_mean, running_var, training, eps, relu);
-  return {outs[0], outs[1], outs[2], outs[3]};
+  return {outs[0], outs[1].detach(), outs[2].detach(), outs[3].detach()};
 }
 
 }  // namespace
