@@ -3,7 +3,15 @@
 // each family (fake/autograd registrations and the reference fallback) in torchfast/ops/.
 #include <torch/library.h>
 
-TORCH_LIBRARY(torchfast, m) {
+// The namespace the schemas register under: torchfast, or torchfast_emu when the CUDA emulator's
+// library compiles this file a second time (csrc/emulator/: the same ops, running the CUDA kernels
+// on CPU tensors). The second macro expands the name before TORCH_LIBRARY pastes it.
+#ifndef TORCHFAST_NAMESPACE
+#define TORCHFAST_NAMESPACE torchfast
+#endif
+#define TF_DEFINE_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+
+TF_DEFINE_LIBRARY(TORCHFAST_NAMESPACE, m) {
   // ---- optimizers (csrc/optim) -------------------------------------------------------------
   // One call updates a whole list of parameters; tensors of mixed dtypes (fp32/fp16/bf16) may
   // share a call, but each parameter's grad and state have its dtype. Math is fp32.

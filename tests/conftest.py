@@ -26,6 +26,8 @@ def pytest_sessionstart(session):
     if os.environ.get("TORCHFAST_REQUIRE_KERNELS") == "1" and not torchfast.info()["kernels_loaded"]:
         raise pytest.UsageError(f"TORCHFAST_REQUIRE_KERNELS=1 but the kernels are not loaded: "
                                 f"{torchfast.info()['status']} (torchfast imported from {torchfast.__file__})")
+    if os.environ.get("TORCHFAST_REQUIRE_EMULATOR") == "1":
+        _load_emulator()  # raises a UsageError naming why it is missing
 
 
 def tol(dtype):
@@ -46,3 +48,46 @@ def require_kernel(op: str, device: str):
     """Skip (with the reason) when no compiled kernel serves this op on this device."""
     if not kernels_built(op, device):
         pytest.skip(f"no compiled {op} kernel for {device}: {torchfast._loader.STATE.reason}")
+
+
+# ---- the CUDA emulator (csrc/emulator/): the CUDA kernels on CPU tensors ----------------------
+# Two schedules for every emulated test (a missing barrier shows under one of them), a random one
+# where the test is cheap enough for three.
+SCHEDULES = [("ascending", 0), ("descending", 0)]
+SCHEDULES_WITH_RANDOM = SCHEDULES + [("random", 1)]
+
+
+def _load_emulator():
+    import os
+    try:
+        from torchfast.testing import cuda_emulator
+        return cuda_emulator, None
+    except ImportError as e:
+        if os.environ.get("TORCHFAST_REQUIRE_EMULATOR") == "1":
+            raise pytest.UsageError(f"TORCHFAST_REQUIRE_EMULATOR=1 but the CUDA emulator is unavailable: {e}")
+        return None, str(e)
+
+
+@pytest.fixture(scope="session")
+def emu():
+    """torchfast.testing.cuda_emulator (skips where it was not built; CI requires it)."""
+    module, why = _load_emulator()
+    if module is None:
+        pytest.skip(why)
+    return module
+
+
+def _schedule_id(s):
+    return f"{s[0]}{s[1]}" if s[0] == "random" else s[0]
+
+
+@pytest.fixture(params=SCHEDULES, ids=_schedule_id)
+def schedule(request, emu):
+    with emu.schedule(*request.param):
+        yield request.param
+
+
+@pytest.fixture(params=SCHEDULES_WITH_RANDOM, ids=_schedule_id)
+def any_schedule(request, emu):
+    with emu.schedule(*request.param):
+        yield request.param

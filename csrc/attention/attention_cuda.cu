@@ -26,6 +26,7 @@
 #include "attention/attention_checks.h"
 #include "attention/attention_math.h"
 #include "common/host_device.h"
+#include "common/launch.cuh"
 
 namespace torchfast {
 namespace {
@@ -87,7 +88,7 @@ __global__ void __launch_bounds__(kThreads)
                              bool causal, Dropout<acc_type_t<scalar_t>> drop, acc_type_t<scalar_t> scale, Dims dm,
                              int64_t tiles, scalar_t* out, acc_type_t<scalar_t>* lse) {
   using acc_t = acc_type_t<scalar_t>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  TF_DYNAMIC_SHARED(unsigned char, smem_raw, 16);
   const int D = static_cast<int>(dm.D), Dv = static_cast<int>(dm.Dv);
   acc_t* q_s = reinterpret_cast<acc_t*>(smem_raw);  // kRows x D
   acc_t* k_s = q_s + kRows * D;                      // kKeys x (D + 1): lane j reads row j
@@ -170,7 +171,7 @@ __global__ void __launch_bounds__(kThreads)
                               acc_type_t<scalar_t> scale, Dims dm, int64_t tiles, acc_type_t<scalar_t>* dq,
                               scalar_t* dk, scalar_t* dv) {
   using acc_t = acc_type_t<scalar_t>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  TF_DYNAMIC_SHARED(unsigned char, smem_raw, 16);
   const int D = static_cast<int>(dm.D), Dv = static_cast<int>(dm.Dv);
   acc_t* k_s = reinterpret_cast<acc_t*>(smem_raw);  // kKeys x (D + 1)
   acc_t* v_s = k_s + kKeys * (D + 1);                // kKeys x (Dv + 1)
@@ -320,12 +321,12 @@ bool launch_wmma_forward(const at::Tensor& q, const at::Tensor& k, const at::Ten
   namespace wa = wmma_attention;
   const int64_t tiles = (dm.L + wa::kRows - 1) / wa::kRows;
   const size_t smem = wa::Layout(static_cast<int>(dm.D)).total;
-  auto launch = [&](auto kernel) {
-    if (!wa::kernel_built_for_sm80(kernel) || !fits_shared_memory(smem)) return false;
-    allow_shared_memory(kernel, smem, dm.D, dm.Dv);
-    kernel<<<grid_size(dm.B * dm.H * tiles), wa::kThreads, smem, stream>>>(
-        rows_of<scalar_t>(q), rows_of<scalar_t>(k), rows_of<scalar_t>(v), mask_view<float>(mask), causal, drop, scale,
-        dm, tiles, out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>());
+  auto launch = [&](auto tensor_core_forward) {
+    if (!wa::kernel_built_for_sm80(tensor_core_forward) || !fits_shared_memory(smem)) return false;
+    allow_shared_memory(tensor_core_forward, smem, dm.D, dm.Dv);
+    tf_launch(tensor_core_forward, grid_size(dm.B * dm.H * tiles), wa::kThreads, smem, stream, rows_of<scalar_t>(q),
+              rows_of<scalar_t>(k), rows_of<scalar_t>(v), mask_view<float>(mask), causal, drop, scale, dm, tiles,
+              out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return true;
   };
@@ -344,13 +345,14 @@ bool launch_wmma_backward(const at::Tensor& dout, const at::Tensor& q, const at:
   namespace wa = wmma_attention;
   const int64_t tiles = (dm.S + wa::kKeys - 1) / wa::kKeys;
   const size_t smem = wa::BackwardLayout(static_cast<int>(dm.D)).total;
-  auto launch = [&](auto kernel) {
-    if (!wa::kernel_built_for_sm80(kernel) || !fits_shared_memory(smem)) return false;
-    allow_shared_memory(kernel, smem, dm.D, dm.Dv);
-    kernel<<<grid_size(dm.B * dm.H * tiles), wa::kThreads, smem, stream>>>(
-        rows_of<scalar_t>(dout), rows_of<scalar_t>(q), rows_of<scalar_t>(k), rows_of<scalar_t>(v),
-        lse.const_data_ptr<float>(), delta.const_data_ptr<float>(), mask_view<float>(mask), causal, drop, scale, dm,
-        tiles, dq.mutable_data_ptr<float>(), dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>());
+  auto launch = [&](auto tensor_core_backward) {
+    if (!wa::kernel_built_for_sm80(tensor_core_backward) || !fits_shared_memory(smem)) return false;
+    allow_shared_memory(tensor_core_backward, smem, dm.D, dm.Dv);
+    tf_launch(tensor_core_backward, grid_size(dm.B * dm.H * tiles), wa::kThreads, smem, stream,
+              rows_of<scalar_t>(dout), rows_of<scalar_t>(q), rows_of<scalar_t>(k), rows_of<scalar_t>(v),
+              lse.const_data_ptr<float>(), delta.const_data_ptr<float>(), mask_view<float>(mask), causal, drop, scale,
+              dm, tiles, dq.mutable_data_ptr<float>(), dk.mutable_data_ptr<scalar_t>(),
+              dv.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return true;
   };
@@ -400,12 +402,12 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_cuda(const at::Tensor& query,
     using acc_t = acc_type_t<scalar_t>;
     const size_t smem = sizeof(acc_t) * (kRows * sh.D + kKeys * (sh.D + 1) + kKeys * sh.Dv);
     with_head_dim_bucket(std::max(sh.D, sh.Dv), [&](auto nt) {
-      auto kernel = attention_forward_kernel<scalar_t, decltype(nt)::value>;
-      allow_shared_memory(kernel, smem, sh.D, sh.Dv);
-      kernel<<<grid_size(sh.B * sh.H * tiles), kThreads, smem, stream>>>(
-          rows_of<scalar_t>(q), rows_of<scalar_t>(k), rows_of<scalar_t>(v), mask_view<acc_t>(mask), is_causal,
-          make_dropout<acc_t>(dropout_p, seed), static_cast<acc_t>(scale), dm, tiles, out.mutable_data_ptr<scalar_t>(),
-          lse.mutable_data_ptr<acc_t>());
+      auto scalar_forward = attention_forward_kernel<scalar_t, decltype(nt)::value>;
+      allow_shared_memory(scalar_forward, smem, sh.D, sh.Dv);
+      tf_launch(scalar_forward, grid_size(sh.B * sh.H * tiles), kThreads, smem, stream, rows_of<scalar_t>(q),
+                rows_of<scalar_t>(k), rows_of<scalar_t>(v), mask_view<acc_t>(mask), is_causal,
+                make_dropout<acc_t>(dropout_p, seed), static_cast<acc_t>(scale), dm, tiles,
+                out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -448,13 +450,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cuda(
       using acc_t = acc_type_t<scalar_t>;
       const size_t smem = sizeof(acc_t) * (2 * kKeys * (sh.D + 1) + 2 * kKeys * (sh.Dv + 1) + kWarps * (sh.D + sh.Dv));
       with_head_dim_bucket(std::max(sh.D, sh.Dv), [&](auto nt) {
-        auto kernel = attention_backward_kernel<scalar_t, decltype(nt)::value>;
-        allow_shared_memory(kernel, smem, sh.D, sh.Dv);
-        kernel<<<grid_size(sh.B * sh.H * tiles), kThreads, smem, stream>>>(
-            rows_of<scalar_t>(dout), rows_of<scalar_t>(q), rows_of<scalar_t>(k), rows_of<scalar_t>(v),
-            lse.const_data_ptr<acc_t>(), delta.const_data_ptr<acc_t>(), mask_view<acc_t>(mask), is_causal,
-            make_dropout<acc_t>(dropout_p, seed), static_cast<acc_t>(scale), dm, tiles, dq.mutable_data_ptr<acc_t>(),
-            dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>());
+        auto scalar_backward = attention_backward_kernel<scalar_t, decltype(nt)::value>;
+        allow_shared_memory(scalar_backward, smem, sh.D, sh.Dv);
+        tf_launch(scalar_backward, grid_size(sh.B * sh.H * tiles), kThreads, smem, stream, rows_of<scalar_t>(dout),
+                  rows_of<scalar_t>(q), rows_of<scalar_t>(k), rows_of<scalar_t>(v), lse.const_data_ptr<acc_t>(),
+                  delta.const_data_ptr<acc_t>(), mask_view<acc_t>(mask), is_causal,
+                  make_dropout<acc_t>(dropout_p, seed), static_cast<acc_t>(scale), dm, tiles,
+                  dq.mutable_data_ptr<acc_t>(), dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
@@ -464,7 +466,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torchfast, CUDA, m) {
+TF_CUDA_LIBRARY_IMPL(m) {
   m.impl("flash_attention", &flash_attention_cuda);
   m.impl("flash_attention_backward", &flash_attention_backward_cuda);
 }

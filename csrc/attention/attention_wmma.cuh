@@ -13,6 +13,7 @@
 #include <mma.h>
 
 #include "common/host_device.h"
+#include "common/launch.cuh"
 
 namespace torchfast {
 namespace wmma_attention {
@@ -108,9 +109,9 @@ template <typename scalar_t, int D>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, MaskView<float> mask, bool causal,
                    Dropout<float> drop, float scale, Dims dm, int64_t tiles, scalar_t* out, float* lse) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if TF_DEVICE_ARCH_AT_LEAST(800)
   using N = typename Native<scalar_t>::type;
-  extern __shared__ __align__(128) unsigned char smem[];
+  TF_DYNAMIC_SHARED(unsigned char, smem, 128);
   const Layout lay(D);
   N* q_s = reinterpret_cast<N*>(smem + lay.q);
   N* k_s = reinterpret_cast<N*>(smem + lay.k);

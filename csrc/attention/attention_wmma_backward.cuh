@@ -65,9 +65,9 @@ __global__ void __launch_bounds__(kThreads)
     backward_kernel(Rows<scalar_t> dout, Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, const float* lse,
                     const float* delta, MaskView<float> mask, bool causal, Dropout<float> drop, float scale, Dims dm,
                     int64_t tiles, float* dq, scalar_t* dk, scalar_t* dv) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if TF_DEVICE_ARCH_AT_LEAST(800)
   using N = typename Native<scalar_t>::type;
-  extern __shared__ __align__(128) unsigned char smem[];
+  TF_DYNAMIC_SHARED(unsigned char, smem, 128);
   const BackwardLayout lay(D);
   N* q_s = reinterpret_cast<N*>(smem + lay.q);
   N* do_s = reinterpret_cast<N*>(smem + lay.dout);

@@ -14,6 +14,7 @@
 #include "clip/clip_checks.h"
 #include "clip/grad_norm_math.h"
 #include "common/cuda_reduce.cuh"
+#include "common/launch.cuh"
 #include "common/multi_tensor_cuda.cuh"
 #include "common/tensor_lists.h"
 
@@ -43,11 +44,11 @@ __global__ void __launch_bounds__(kCudaBlockThreads)
 }
 
 template <NormKind kKind>
-__global__ void __launch_bounds__(kFinishThreads) norm_finish_kernel(const double* partials, int64_t n, float* out) {
+__global__ void __launch_bounds__(kFinishThreads) norm_finish_kernel(const double* partials, int64_t n, double* out) {
   double acc = 0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc = norm_combine<kKind>(acc, partials[i]);
   const double total = norm_block_reduce<kKind, kFinishThreads>(acc);
-  if (threadIdx.x == 0) *out = static_cast<float>(norm_finish<kKind>(total));
+  if (threadIdx.x == 0) *out = norm_finish<kKind>(total);  // in double: fp64 norms keep their precision
 }
 
 template <NormKind kKind>
@@ -67,20 +68,20 @@ at::Tensor total_norm_impl(at::TensorList tensors, at::ScalarType dtype) {
   }
   const auto opts = at::TensorOptions().device(device);
   at::Tensor partials = at::empty({std::max<int64_t>(total_chunks, 1)}, opts.dtype(at::kDouble));
-  at::Tensor out = at::empty({}, opts.dtype(at::kFloat));
+  at::Tensor out = at::empty({}, opts.dtype(at::kDouble));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   int64_t offset = 0;
   launch_per_dtype(by_dtype, device, [&](at::ScalarType dtype, const CudaLaunchMeta& launch, int64_t) {
     if (launch.num_chunks == 0) return;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "total_norm_cuda", [&] {
-      norm_partials_kernel<kKind, scalar_t><<<launch.num_chunks, kCudaBlockThreads, 0, stream>>>(
-          launch.tensors, launch.chunks, partials.data_ptr<double>() + offset);
+      tf_launch(norm_partials_kernel<kKind, scalar_t>, launch.num_chunks, kCudaBlockThreads, 0, stream, launch.tensors,
+                launch.chunks, partials.data_ptr<double>() + offset);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     offset += launch.num_chunks;
   });
-  norm_finish_kernel<kKind><<<1, kFinishThreads, 0, stream>>>(partials.data_ptr<double>(), total_chunks,
-                                                             out.data_ptr<float>());
+  tf_launch(norm_finish_kernel<kKind>, 1, kFinishThreads, 0, stream, partials.data_ptr<double>(), total_chunks,
+            out.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out.to(dtype);
 }
@@ -99,10 +100,14 @@ at::Tensor total_norm_cuda(at::TensorList tensors, double norm_type, std::option
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kCudaBlockThreads)
-    clip_kernel(const CudaTensorMeta* tensors, const CudaChunkMeta* chunks, const float* total_norm, float max_norm) {
+    clip_kernel(const CudaTensorMeta* tensors, const CudaChunkMeta* chunks, const void* total_norm, bool norm_is_double,
+                double max_norm) {
   using acc_t = acc_type_t<scalar_t>;
-  const float coef = clip_coefficient<float>(*total_norm, max_norm);
-  if (coef == 1.0f) return;  // x * 1 == x: nothing to write
+  // in the norm's precision, as on the CPU: fp64 for an fp64 norm, else fp32
+  const double coef = norm_is_double
+                          ? clip_coefficient<double>(*static_cast<const double*>(total_norm), max_norm)
+                          : clip_coefficient<float>(*static_cast<const float*>(total_norm), static_cast<float>(max_norm));
+  if (coef == 1.0) return;  // x * 1 == x: nothing to write
   const CudaChunkMeta c = chunks[blockIdx.x];
   const acc_t k = static_cast<acc_t>(coef);
   for_each_chunk_element<scalar_t, 1>(tensors[c.tensor], c.begin, 0b1u, [&](acc_t* x) { x[0] = x[0] * k; });
@@ -113,7 +118,8 @@ void clip_grads_with_norm_cuda(at::TensorList grads, const at::Tensor& total_nor
   if (grads.empty()) return;
   const at::Device device = grads[0].device();
   const c10::cuda::CUDAGuard guard(device);
-  const at::Tensor norm_f32 = total_norm.to(at::kFloat).contiguous();
+  const bool norm_is_double = total_norm.scalar_type() == at::kDouble;
+  const at::Tensor norm = norm_is_double ? total_norm.contiguous() : total_norm.to(at::kFloat).contiguous();
   LayoutStager stager;
   std::map<at::ScalarType, std::vector<CudaTensorMeta>> by_dtype;
   for (const at::Tensor& g : grads) {
@@ -128,8 +134,8 @@ void clip_grads_with_norm_cuda(at::TensorList grads, const at::Tensor& total_nor
   launch_per_dtype(by_dtype, device, [&](at::ScalarType dtype, const CudaLaunchMeta& launch, int64_t) {
     if (launch.num_chunks == 0) return;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "clip_grads_cuda", [&] {
-      clip_kernel<scalar_t><<<launch.num_chunks, kCudaBlockThreads, 0, stream>>>(
-          launch.tensors, launch.chunks, norm_f32.data_ptr<float>(), static_cast<float>(max_norm));
+      tf_launch(clip_kernel<scalar_t>, launch.num_chunks, kCudaBlockThreads, 0, stream, launch.tensors, launch.chunks,
+                norm.const_data_ptr(), norm_is_double, max_norm);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -138,7 +144,7 @@ void clip_grads_with_norm_cuda(at::TensorList grads, const at::Tensor& total_nor
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torchfast, CUDA, m) {
+TF_CUDA_LIBRARY_IMPL(m) {
   m.impl("total_norm", &total_norm_cuda);
   m.impl("clip_grads_with_norm_", &clip_grads_with_norm_cuda);
 }

@@ -1,12 +1,13 @@
 // Block-wide reduction for the CUDA kernels: every thread passes one value, every thread gets the
 // block's combination. kThreads must equal blockDim.x and be a power of two.
 #pragma once
+#include "common/launch.cuh"
 
 namespace torchfast {
 
 template <int kThreads, typename T, typename Op>
 __device__ T block_reduce(T v, Op op) {
-  __shared__ T buf[kThreads];
+  TF_SHARED(T, buf, [kThreads]);
   buf[threadIdx.x] = v;
   __syncthreads();
   for (int stride = kThreads / 2; stride > 0; stride /= 2) {

@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAException.h>
 
 #include "common/host_device.h"
+#include "common/launch.cuh"
 
 #include <cstdint>
 #include <cstring>
@@ -62,7 +63,7 @@ inline CudaLaunchMeta upload_launch_meta(const std::vector<CudaTensorMeta>& tens
   const size_t tensor_bytes = tensors.size() * sizeof(CudaTensorMeta);
   const size_t chunk_bytes = chunks.size() * sizeof(CudaChunkMeta);
   at::Tensor host = at::empty({static_cast<int64_t>(tensor_bytes + chunk_bytes)},
-                              at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+                              at::TensorOptions().dtype(at::kByte).pinned_memory(TF_PINNED_HOST_BUFFERS));
   std::memcpy(host.data_ptr(), tensors.data(), tensor_bytes);
   std::memcpy(static_cast<uint8_t*>(host.data_ptr()) + tensor_bytes, chunks.data(), chunk_bytes);
   // Pinned memory + non_blocking: the copy is queued on the current stream, and the caching host

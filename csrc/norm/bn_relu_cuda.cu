@@ -18,6 +18,7 @@
 #include <type_traits>
 
 #include "common/host_device.h"
+#include "common/launch.cuh"
 #include "norm/bn_relu_checks.h"
 #include "norm/bn_relu_layout.h"
 #include "norm/bn_relu_math.h"
@@ -76,7 +77,7 @@ __global__ void __launch_bounds__(kSumThreads)
   } else if (c < g.C) {
     for (int64_t row = begin + row_lane; row < end; row += kRowLanes) elem(row * g.C + c, c, acc);
   }
-  __shared__ double buf[K][kSumThreads];
+  TF_SHARED(double, buf, [K][kSumThreads]);
 #pragma unroll
   for (int k = 0; k < K; ++k) buf[k][threadIdx.x] = static_cast<double>(acc[k]);
   __syncthreads();
@@ -109,7 +110,7 @@ __global__ void __launch_bounds__(kSumThreads)
   if (c < C)
     for (int64_t ch = chunk_lane; ch < chunks; ch += kRowLanes)
       for (int k = 0; k < K; ++k) t[k] += partial[(ch * K + k) * C + c];
-  __shared__ double buf[K][kSumThreads];
+  TF_SHARED(double, buf, [K][kSumThreads]);
   for (int k = 0; k < K; ++k) buf[k][threadIdx.x] = t[k];
   __syncthreads();
   if (chunk_lane == 0 && c < C) {
@@ -134,13 +135,13 @@ void channel_sums(const Geometry& g, const Elem& elem, const Fin& fin, const at:
   TORCH_CHECK(groups <= std::numeric_limits<int>::max(), "torchfast.bn_add_relu: ", g.C, " channels exceed the CUDA grid");
   const at::Tensor partial = at::empty({chunks, K, g.C}, like.options().dtype(at::kDouble));
   with_index_type(g.M * g.C, [&](auto index) {
-    channel_partials_kernel<K, decltype(index)>
-        <<<dim3(static_cast<unsigned>(groups), static_cast<unsigned>(chunks)), kSumThreads, 0, stream>>>(
-            g, len, elem, partial.mutable_data_ptr<double>());
+    tf_launch(channel_partials_kernel<K, decltype(index), Elem>,
+              dim3(static_cast<unsigned>(groups), static_cast<unsigned>(chunks)), kSumThreads, 0, stream, g, len, elem,
+              partial.mutable_data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  channel_finalize_kernel<K><<<static_cast<unsigned>((g.C + kChannelLanes - 1) / kChannelLanes), kSumThreads, 0,
-                               stream>>>(partial.const_data_ptr<double>(), chunks, g.C, fin);
+  tf_launch(channel_finalize_kernel<K, Fin>, static_cast<unsigned>((g.C + kChannelLanes - 1) / kChannelLanes),
+            kSumThreads, 0, stream, partial.const_data_ptr<double>(), chunks, g.C, fin);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -333,8 +334,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_cuda(
                       SetVariance<acc_t>{var.mutable_data_ptr<acc_t>(), invstd.mutable_data_ptr<acc_t>(), sh.M, eps},
                       x, stream);
     } else {
-      eval_stats_kernel<acc_t><<<(sh.C + 255) / 256, 256, 0, stream>>>(
-          rm->const_data_ptr<acc_t>(), rv->const_data_ptr<acc_t>(), sh.C, eps, mean.mutable_data_ptr<acc_t>(),
+      tf_launch(eval_stats_kernel<acc_t>, (sh.C + 255) / 256, 256, 0, stream, rm->const_data_ptr<acc_t>(), rv->const_data_ptr<acc_t>(), sh.C, eps, mean.mutable_data_ptr<acc_t>(),
           invstd.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -343,8 +343,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_cuda(
       scalar_t* op = out.mutable_data_ptr<scalar_t>();
       with_elementwise_types<scalar_t>(g, x.numel(), {x.const_data_ptr(), rp, op}, [&](auto width, auto index) {
         constexpr int V = decltype(width)::value;
-        apply_kernel<scalar_t, acc_t, decltype(index), V><<<elementwise_blocks(x.numel() / V), kThreads, 0, stream>>>(
-            x.const_data_ptr<scalar_t>(), rp, op, g, x.numel(), mean.const_data_ptr<acc_t>(),
+        tf_launch(apply_kernel<scalar_t, acc_t, decltype(index), V>, elementwise_blocks(x.numel() / V), kThreads, 0,
+                  stream, x.const_data_ptr<scalar_t>(), rp, op, g, x.numel(), mean.const_data_ptr<acc_t>(),
             invstd.const_data_ptr<acc_t>(), opt_ptr<acc_t>(w), opt_ptr<acc_t>(b), relu);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
@@ -385,9 +385,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_backward_
                                                         gx.const_data_ptr(), grp};
       with_elementwise_types<scalar_t>(g, x.numel(), ptrs, [&](auto width, auto index) {
         constexpr int V = decltype(width)::value;
-        input_grad_kernel<scalar_t, acc_t, decltype(index), V>
-            <<<elementwise_blocks(x.numel() / V), kThreads, 0, stream>>>(
-                g_out.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), g,
+        tf_launch(input_grad_kernel<scalar_t, acc_t, decltype(index), V>, elementwise_blocks(x.numel() / V), kThreads,
+                  0, stream, g_out.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), g,
                 x.numel(), mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), opt_ptr<acc_t>(w),
                 gb.const_data_ptr<acc_t>(), gw.const_data_ptr<acc_t>(), training, relu, gx.mutable_data_ptr<scalar_t>(),
                 grp);
@@ -400,7 +399,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_backward_
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torchfast, CUDA, m) {
+TF_CUDA_LIBRARY_IMPL(m) {
   m.impl("bn_add_relu", &bn_add_relu_cuda);
   m.impl("bn_add_relu_backward", &bn_add_relu_backward_cuda);
 }

@@ -9,6 +9,7 @@
 #include <map>
 #include <vector>
 
+#include "common/launch.cuh"
 #include "common/multi_tensor_cuda.cuh"
 #include "optim/adam_math.h"
 #include "optim/optim_checks.h"
@@ -85,13 +86,13 @@ void fused_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   launch_per_dtype(by_dtype, device, [&](at::ScalarType dtype, const CudaLaunchMeta& launch, int64_t count) {
     if (launch.num_chunks > 0) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fused_adam_cuda", [&] {
-        adam_kernel<scalar_t><<<launch.num_chunks, kCudaBlockThreads, 0, stream>>>(
-            launch.tensors, launch.chunks, h, scalars.lr, scalars.grad_scale, scalars.found_inf, scalars.clip_coef);
+        tf_launch(adam_kernel<scalar_t>, launch.num_chunks, kCudaBlockThreads, 0, stream, launch.tensors, launch.chunks,
+                  h, scalars.lr, scalars.grad_scale, scalars.found_inf, scalars.clip_coef);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     }
     // After the update kernel (same stream): it read the old counts.
-    increment_steps_kernel<<<(count + 255) / 256, 256, 0, stream>>>(launch.tensors, count, scalars.found_inf);
+    tf_launch(increment_steps_kernel, (count + 255) / 256, 256, 0, stream, launch.tensors, count, scalars.found_inf);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   stager.finish();
@@ -99,6 +100,6 @@ void fused_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torchfast, CUDA, m) { m.impl("fused_adam_", &fused_adam_cuda); }
+TF_CUDA_LIBRARY_IMPL(m) { m.impl("fused_adam_", &fused_adam_cuda); }
 
 }  // namespace torchfast

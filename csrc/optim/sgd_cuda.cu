@@ -8,6 +8,7 @@
 #include <map>
 #include <vector>
 
+#include "common/launch.cuh"
 #include "common/multi_tensor_cuda.cuh"
 #include "optim/optim_checks.h"
 #include "optim/sgd_math.h"
@@ -71,9 +72,8 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   launch_per_dtype(by_dtype, device, [&](at::ScalarType dtype, const CudaLaunchMeta& launch, int64_t) {
     if (launch.num_chunks == 0) return;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fused_sgd_cuda", [&] {
-      sgd_kernel<scalar_t><<<launch.num_chunks, kCudaBlockThreads, 0, stream>>>(
-          launch.tensors, launch.chunks, h, lr, scalars.lr, is_first_step, scalars.grad_scale, scalars.found_inf,
-          scalars.clip_coef);
+      tf_launch(sgd_kernel<scalar_t>, launch.num_chunks, kCudaBlockThreads, 0, stream, launch.tensors, launch.chunks, h,
+                lr, scalars.lr, is_first_step, scalars.grad_scale, scalars.found_inf, scalars.clip_coef);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -82,6 +82,6 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torchfast, CUDA, m) { m.impl("fused_sgd_", &fused_sgd_cuda); }
+TF_CUDA_LIBRARY_IMPL(m) { m.impl("fused_sgd_", &fused_sgd_cuda); }
 
 }  // namespace torchfast

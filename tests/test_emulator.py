@@ -1,0 +1,109 @@
+"""The CUDA emulator itself (csrc/emulator/): on small kernels written for these tests
+(csrc/emulator/probes.cu), it catches a missing __syncthreads, a missing __syncwarp after a WMMA
+store, misaligned WMMA pointers, an over-limit dynamic or static shared-memory launch, an early
+return before a barrier, divergent barriers, a deadlock, a half-warp shuffle and an oversized block;
+the fixed kernels run clean. Both fiber back ends, the Python face and its errors."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import SCHEDULES_WITH_RANDOM
+
+
+def _ids(s):
+    return f"{s[0]}{s[1]}" if s[0] == "random" else s[0]
+
+
+# Mistakes that show as wrong results (poisoned shared memory): caught under every schedule.
+WRONG_RESULT_PROBES = {
+    "missing_syncthreads": torch.arange(1, 65, dtype=torch.float32) % 64,
+    "missing_syncwarp_after_wmma_store": torch.cat([torch.full((32,), 256.0), torch.full((32,), -7.0)]),
+}
+# Mistakes the emulator reports, with what its message must say.
+REPORTED_PROBES = {
+    "wmma_misaligned": "not 256-bit",
+    "dynamic_smem_over_limit": "more than the kernel's limit of 49152",
+    "early_return_before_barrier": r"exited while 32 threads wait at __syncthreads at csrc/emulator/probes.cu:\d+",
+    "divergent_barrier": "divergent __syncthreads",
+    "deadlock": "deadlock",
+    "half_warp_shuffle": "mask 0xffff: only full-warp masks",
+    "static_smem_over_limit": "static shared memory to 53248 bytes",
+    "oversized_block": r"block \(2048, 1, 1\)",
+}
+
+
+@pytest.mark.parametrize("sched", SCHEDULES_WITH_RANDOM, ids=_ids)
+@pytest.mark.parametrize("name", sorted(WRONG_RESULT_PROBES))
+def test_missing_barrier_gives_a_wrong_result(emu, name, sched):
+    with emu.schedule(*sched):
+        torch.testing.assert_close(emu.probe(name, True), WRONG_RESULT_PROBES[name])
+        assert not torch.equal(emu.probe(name, False), WRONG_RESULT_PROBES[name])
+
+
+@pytest.mark.parametrize("name", sorted(REPORTED_PROBES))
+def test_mistakes_are_reported(emu, schedule, name):
+    emu.probe(name, True)  # the fixed kernel runs clean
+    with pytest.raises(RuntimeError, match=REPORTED_PROBES[name]) as info:
+        emu.probe(name, False)
+    if name not in ("dynamic_smem_over_limit", "oversized_block"):  # launch errors name the launch site
+        assert "in kernel `" in str(info.value) and "block (0, 0, 0)" in str(info.value)
+
+
+def test_shuffles_and_atomics(emu, any_schedule):
+    torch.testing.assert_close(emu.probe("half_warp_shuffle", True), torch.full((64,), 496.0) +
+                               torch.tensor([0.0] * 32 + [1024.0] * 32))
+    assert emu.probe("atomic_add", True)[0].item() == 64 * 64
+
+
+def test_dynamic_shared_memory_needs_the_opt_in_device_limit(emu):
+    with emu.device("sm75"):  # 64 KiB opt-in: 64 KiB fits exactly
+        assert emu.probe("dynamic_smem_over_limit", True)[0].item() == 16384
+    emu.probe("dynamic_smem_over_limit", True)
+
+
+def test_launch_stats_count_launches_blocks_threads(emu):
+    emu.reset_launch_stats()
+    emu.probe("atomic_add", True)
+    (key, stat), = emu.launch_stats().items()
+    assert "atomic_kernel" in key and stat == {"launches": 1, "blocks": 64, "threads": 64 * 64}
+
+
+def test_settings_errors(emu):
+    with pytest.raises(ValueError, match="schedule order"):
+        emu.set_schedule("sideways")
+    with pytest.raises(ValueError, match="emulated device"):
+        emu.set_device("sm70")
+    with pytest.raises(RuntimeError, match="unknown device 'sm61'"):
+        emu.ops._emulator_set_device("sm61")
+
+
+def _run_python(code, **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+
+
+def test_ucontext_fibers_give_the_same_results(emu):
+    """The portable back end (TORCHFAST_EMULATOR_FIBERS=ucontext) against the assembly one."""
+    code = ("import torch; from torchfast.testing import cuda_emulator as emu\n"
+            "q = torch.randn(1, 2, 37, 32, generator=torch.Generator().manual_seed(0))\n"
+            "o, l = emu.ops.flash_attention(q, q, q, None, True, 0.2, 0.0, None)\n"
+            "print(emu.probe('missing_syncthreads', True).sum().item(), o.double().sum().item())\n")
+    outs = [_run_python(code, TORCHFAST_EMULATOR_FIBERS=b) for b in ("asm", "ucontext")]
+    for r in outs:
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert outs[0].stdout == outs[1].stdout
+    bad = _run_python(code, TORCHFAST_EMULATOR_FIBERS="threads")
+    assert bad.returncode != 0 and "TORCHFAST_EMULATOR_FIBERS must be 'asm' or 'ucontext'" in bad.stderr
+
+
+def test_missing_build_raises_import_error_with_the_build_command():
+    r = _run_python("import torchfast.testing.cuda_emulator", TORCHFAST_EMULATOR_LIBRARY="nonesuch")
+    assert r.returncode != 0 and "ImportError" in r.stderr and "must be 'plain' or 'sanitized'" in r.stderr
+    code = ("import importlib.util, torchfast\n"
+            "importlib.util.find_spec = lambda name, *a: None\n"
+            "import torchfast.testing.cuda_emulator\n")
+    r = _run_python(code)
+    assert r.returncode != 0 and "TORCHFAST_EMULATOR=1 pip install ." in r.stderr

@@ -1,0 +1,1 @@
+"""Test-only helpers shipped with torchfast (the CUDA emulator's Python face)."""
