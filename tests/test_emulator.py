@@ -10,11 +10,15 @@ import sys
 import pytest
 import torch
 
-from conftest import SCHEDULES_WITH_RANDOM
+import torchfast
+from conftest import SCHEDULES
 
 
 def _ids(s):
     return f"{s[0]}{s[1]}" if s[0] == "random" else s[0]
+
+
+SANITIZED = os.environ.get("TORCHFAST_EMULATOR_LIBRARY") == "sanitized"
 
 
 # Mistakes that show as wrong results (poisoned shared memory): caught under every schedule.
@@ -35,7 +39,7 @@ REPORTED_PROBES = {
 }
 
 
-@pytest.mark.parametrize("sched", SCHEDULES_WITH_RANDOM, ids=_ids)
+@pytest.mark.parametrize("sched", SCHEDULES, ids=_ids)
 @pytest.mark.parametrize("name", sorted(WRONG_RESULT_PROBES))
 def test_missing_barrier_gives_a_wrong_result(emu, name, sched):
     with emu.schedule(*sched):
@@ -52,7 +56,7 @@ def test_mistakes_are_reported(emu, schedule, name):
         assert "in kernel `" in str(info.value) and "block (0, 0, 0)" in str(info.value)
 
 
-def test_shuffles_and_atomics(emu, any_schedule):
+def test_shuffles_and_atomics(emu, schedule):
     torch.testing.assert_close(emu.probe("half_warp_shuffle", True), torch.full((64,), 496.0) +
                                torch.tensor([0.0] * 32 + [1024.0] * 32))
     assert emu.probe("atomic_add", True)[0].item() == 64 * 64
@@ -81,8 +85,11 @@ def test_settings_errors(emu):
 
 
 def _run_python(code, **env):
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **env})
+    # the torchfast these tests import (installed or built in place), whatever the working directory holds
+    where = os.path.dirname(os.path.dirname(torchfast.__file__))
+    path = os.pathsep.join([where] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/",
+                          env={**os.environ, "PYTHONPATH": path, **env})
 
 
 def test_ucontext_fibers_give_the_same_results(emu):
@@ -107,3 +114,18 @@ def test_missing_build_raises_import_error_with_the_build_command():
             "import torchfast.testing.cuda_emulator\n")
     r = _run_python(code)
     assert r.returncode != 0 and "TORCHFAST_EMULATOR=1 pip install ." in r.stderr
+
+
+def test_the_requested_library_is_loaded(emu):
+    assert emu.sanitized() == SANITIZED
+
+
+@pytest.mark.skipif(not SANITIZED, reason="needs the sanitized emulator (scripts/emulator_sanitized_tests.sh)")
+def test_address_sanitizer_sees_a_shared_memory_overflow(emu):
+    """Shared memory is a heap buffer of exactly the declared size: one element past it is a
+    heap-buffer-overflow report (in a child process: the report aborts it)."""
+    emu.probe("shared_memory_overflow", True)
+    code = ("from torchfast.testing import cuda_emulator as emu\n"
+            "emu.probe('shared_memory_overflow', False)\n")
+    r = _run_python(code)
+    assert r.returncode != 0 and "heap-buffer-overflow" in r.stderr, r.stderr[-3000:]

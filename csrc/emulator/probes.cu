@@ -107,6 +107,15 @@ __global__ void static_smem_kernel(float* out) {
   out[threadIdx.x] = buf[threadIdx.x];
 }
 
+// Thread 63 writes one element past a static __shared__ array (fixed: in bounds). Shows as
+// AddressSanitizer's heap-buffer-overflow in the sanitized build (buffers have exactly their size).
+__global__ void overflow_kernel(float* out, bool fixed) {
+  TF_SHARED(float, s, [kBlock]);
+  s[threadIdx.x + (fixed ? 0 : 1)] = 1.0f;
+  __syncthreads();
+  out[threadIdx.x] = s[threadIdx.x];
+}
+
 at::Tensor probe(const std::string& name, bool fixed) {
   const auto opts = at::TensorOptions().dtype(at::kFloat);
   at::Tensor out = at::full({kBlock}, -7.0f, opts);
@@ -140,6 +149,8 @@ at::Tensor probe(const std::string& name, bool fixed) {
     } else {
       tf_launch(static_smem_kernel<13 * 1024>, 1, kBlock, 0, nullptr, o);
     }
+  } else if (name == "shared_memory_overflow") {
+    tf_launch(overflow_kernel, 1, kBlock, 0, nullptr, o, fixed);
   } else if (name == "oversized_block") {
     tf_launch(neighbour_kernel, 1, fixed ? kBlock : 2048, 0, nullptr, o, true);
   } else {
