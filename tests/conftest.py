@@ -51,9 +51,10 @@ def require_kernel(op: str, device: str):
 
 
 # ---- the CUDA emulator (csrc/emulator/): the CUDA kernels on CPU tensors ----------------------
-# Every emulated test runs under three schedules: a missing barrier shows as a wrong result under at
-# least one of them (ascending lets low threads read before high ones wrote, descending the reverse).
-SCHEDULES = [("ascending", 0), ("descending", 0), ("random", 1)]
+# Every emulated test runs under four schedules: a missing barrier shows as a wrong result under at
+# least one of them (ascending lets low threads read before high ones wrote, descending the reverse,
+# random mixes them; warps-descending lets each warp run ahead of the others up to __syncthreads).
+SCHEDULES = [("ascending", 0), ("descending", 0), ("random", 1), ("warps-descending", 0)]
 
 
 def _load_emulator():

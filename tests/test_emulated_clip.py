@@ -63,6 +63,22 @@ def test_clip_matches_reference(emu, schedule, max_norm, dtype):
     ref.clip_grads_with_norm_(theirs, norm, max_norm)
     for a, b in zip(mine, theirs):
         torch.testing.assert_close(a, b, **tol(dtype))
-    if max_norm == 1.0:
+    if max_norm == 1.0:  # the clipped grads have norm max_norm
         torch.testing.assert_close(ref.total_norm(mine, 2.0).double(), torch.tensor(1.0, dtype=torch.float64),
                                    rtol=2e-2, atol=2e-2)
+
+
+def test_clip_layouts_and_norm_dtypes(emu, schedule):
+    """A non-dense grad (staged, clipped, written back), a transposed one, fp64 grads with an fp32
+    norm and fp32 grads with an fp64 norm (the coefficient in the norm's precision, as on the CPU),
+    a NaN norm."""
+    base = torch.randn(40, 30, dtype=torch.float64)
+    makers = {"transposed": lambda: base.float().t(), "fp64": lambda: base.clone(),
+              "strided": lambda: base.float()[:, ::2]}  # not dense: staged
+    for name, make in makers.items():
+        for norm in (torch.tensor(3.0), torch.tensor(3.0, dtype=torch.float64), torch.tensor(float("nan"))):
+            mine, theirs = [make()], [make()]
+            emu.ops.clip_grads_with_norm_(mine, norm, 1.0)
+            ref.clip_grads_with_norm_(theirs, norm, 1.0)
+            assert mine[0].stride() == theirs[0].stride(), name
+            torch.testing.assert_close(mine[0], theirs[0], rtol=1e-6, atol=1e-7, equal_nan=True, msg=name)

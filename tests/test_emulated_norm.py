@@ -1,8 +1,8 @@
 """The CUDA kernels of bn_add_relu / bn_add_relu_backward, run by the CUDA emulator on CPU tensors,
 against the references: planar and channels_last, the 16-byte vector paths (S or C a multiple of
 the pack) and their fallbacks (odd sizes, misaligned storage), C=97, (N, C) and (N, C, 1, 1)
-inputs, an empty batch, training and eval, with and without weight, residual and ReLU, under two
-thread schedules."""
+inputs, an empty batch, training and eval, with and without weight, residual and ReLU, under every
+emulated thread schedule."""
 import pytest
 import torch
 
@@ -15,6 +15,7 @@ CASES = [  # shape, channels_last, misaligned
     ((4, 16, 8, 8), True, False),  # channels_last, C % pack == 0: vector path
     ((2, 97, 3, 5), True, False),  # channels_last, odd C
     ((4, 16, 8, 8), False, True),  # misaligned storage: scalar path
+    ((4, 16, 8, 8), True, True),  # channels_last, misaligned
     ((5, 24), False, False),  # (N, C)
     ((6, 40, 1, 1), False, False),  # read as packed rows
     ((2, 8, 33), False, False),  # (N, C, L)
@@ -25,11 +26,14 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 def _make(shape, dtype, channels_last, misaligned, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)
+    if misaligned:  # the same values (and layout) one element into a buffer: not 16-byte aligned
+        flat = torch.empty(x.numel() + 1, dtype=dtype)[1:]
+        if channels_last:
+            n, c, h, w = shape
+            return flat.view(n, h, w, c).permute(0, 3, 1, 2).copy_(x)
+        return flat.view(shape).copy_(x)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    if misaligned:
-        buf = torch.empty(x.numel() + 1, dtype=dtype)
-        x = buf[1:].view(shape).copy_(x)
     return x
 
 
@@ -79,6 +83,22 @@ def test_forward_and_backward_match_reference(emu, schedule, case, dtype):
                 _close(a, r, dtype)
             else:
                 torch.testing.assert_close(a, r, **STAT_TOL[stat])
+
+
+@pytest.mark.parametrize("stream", ["residual", "grad_out"])
+def test_one_misaligned_stream_takes_the_scalar_path(emu, schedule, stream):
+    """Every pointer of an element-wise launch counts: one misaligned residual (forward) or
+    grad_out (backward) beside aligned others."""
+    x = _make((4, 16, 8, 8), torch.float16, False, False)
+    res = _make((4, 16, 8, 8), torch.float16, False, stream == "residual", seed=1)
+    grad = _make((4, 16, 8, 8), torch.float16, False, stream == "grad_out", seed=2)
+    args = (x, None, None, res, None, None, True, 1e-5, True)
+    out, mean, invstd, var = emu.ops.bn_add_relu(*args)
+    rout, rmean, rinvstd, _ = ref.bn_add_relu(*args)
+    _close(out, rout, torch.float16)
+    bargs = (grad, x, rout, None, rmean, rinvstd, True, True, True)
+    for a, r in zip(emu.ops.bn_add_relu_backward(*bargs), ref.bn_add_relu_backward(*bargs)):
+        _close(a, r, a.dtype)
 
 
 def test_empty_batch_and_no_channels(emu, schedule):

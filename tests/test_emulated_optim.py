@@ -1,7 +1,7 @@
 """The CUDA kernels of fused_adam_ / fused_sgd_, run by the CUDA emulator on CPU tensors, against the
 references: every dtype, chunking across tensor boundaries and several chunks per tensor, the vector
 path and its fallback (misaligned storage), staged non-contiguous tensors, mixed dtypes in one call,
-lr_tensor, grad_scale, found_inf and clip_coef, under two thread schedules."""
+lr_tensor, grad_scale, found_inf and clip_coef, under every emulated thread schedule."""
 import pytest
 import torch
 
@@ -40,10 +40,22 @@ def _clone(lists):
     return [[t.clone() for t in ts] for ts in lists]
 
 
-def _assert_lists_close(a_lists, b_lists, dtype):
+# The CUDA and CPU kernels share their element math (csrc/optim/*_math.h, fp32 or fp64): they agree
+# to about one unit in the last place of the dtype (FMA contraction differs).
+ONE_ULP = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.float64: dict(rtol=1e-14, atol=1e-14),
+           torch.float16: dict(rtol=1e-3, atol=1e-3), torch.bfloat16: dict(rtol=8e-3, atol=8e-3)}
+
+
+def _assert_lists_close(a_lists, b_lists, dtype, tolerance=None):
     for a_list, b_list in zip(a_lists, b_lists):
         for a, b in zip(a_list, b_list):
-            torch.testing.assert_close(a, b, **tol(dtype))
+            torch.testing.assert_close(a, b, **(tolerance or tol(dtype)))
+
+
+def _assert_lists_equal(a_lists, b_lists):
+    for a_list, b_list in zip(a_lists, b_lists):
+        for a, b in zip(a_list, b_list):
+            assert torch.equal(a, b)
 
 
 ADAM_OPTIONS = [
@@ -61,23 +73,34 @@ ADAM_OPTIONS = [
 def test_adam_matches_reference(emu, schedule, opt, dtype):
     options = ADAM_OPTIONS[opt]
     mine = _adam_state(SHAPES, dtype, amsgrad=options["amsgrad"])
-    theirs = _clone(mine)
+    theirs, cpu = _clone(mine), _clone(mine)
     for _ in range(2):
         emu.ops.fused_adam_(*mine, **options)
         ref.fused_adam_(*theirs, **options)
+        torch.ops.torchfast.fused_adam_(*cpu, **options)
     _assert_lists_close(mine, theirs, dtype)
+    _assert_lists_close(mine, cpu, dtype, ONE_ULP[dtype])
     assert all(s.item() == 5.0 for s in mine[5])
 
 
-@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
+def _misalign(t):
+    """The same values one element into a buffer: not 16-byte aligned."""
+    return torch.empty(t.numel() + 1, dtype=t.dtype)[1:].view(t.shape).copy_(t)
+
+
+@pytest.mark.parametrize("misaligned", ["none", "all", "one-state"])
 def test_adam_device_scalars_and_layouts(emu, schedule, misaligned):
-    """lr_tensor, grad_scale (grads unscaled in place), clip_coef, a non-contiguous grad (staged) and
-    misaligned storage (the scalar path of the chunk loop)."""
+    """lr_tensor, grad_scale (grads unscaled in place), clip_coef, found_inf = 0 (the step runs), a
+    non-contiguous grad (staged) and misaligned storage (the scalar path of the chunk loop), of every
+    stream or of one state tensor only."""
     options = dict(ADAM_OPTIONS[1])
-    mine = _adam_state(SHAPES, torch.float32, misaligned)
+    mine = _adam_state(SHAPES, torch.float32, misaligned == "all")
+    if misaligned == "one-state":
+        mine[4] = [_misalign(t) for t in mine[4]]  # max_exp_avg_sqs only
     mine[1][5] = mine[1][5].t().contiguous().t()  # same values, transposed memory
     theirs = _clone(mine)
-    extra = dict(lr_tensor=torch.tensor(0.02), grad_scale=torch.tensor(4.0), clip_coef=torch.tensor(0.5))
+    extra = dict(lr_tensor=torch.tensor(0.02), grad_scale=torch.tensor(4.0), clip_coef=torch.tensor(0.5),
+                 found_inf=torch.tensor(0.0))
     emu.ops.fused_adam_(*mine, **options, **extra)
     ref.fused_adam_(*theirs, **options, **extra)
     _assert_lists_close(mine, theirs, torch.float32)
@@ -87,9 +110,7 @@ def test_adam_found_inf_skips_everything(emu, schedule):
     mine = _adam_state(SHAPES, torch.float32, amsgrad=False)
     before = _clone(mine)
     emu.ops.fused_adam_(*mine, **ADAM_OPTIONS[0], grad_scale=torch.tensor(2.0), found_inf=torch.tensor(1.0))
-    for a_list, b_list in zip(mine, before):
-        for a, b in zip(a_list, b_list):
-            assert torch.equal(a, b)
+    _assert_lists_equal(mine, before)
 
 
 def test_adam_mixed_dtypes_in_one_call(emu, schedule):
@@ -124,22 +145,27 @@ def _sgd_state(shapes, dtype, momentum, misaligned=False):
 def test_sgd_matches_reference(emu, schedule, opt, dtype):
     options = SGD_OPTIONS[opt]
     mine = _sgd_state(SHAPES, dtype, options["momentum"])
-    theirs = _clone(mine)
+    theirs, cpu = _clone(mine), _clone(mine)
     for first in (True, False):
         emu.ops.fused_sgd_(*mine, **options, is_first_step=first)
         ref.fused_sgd_(*theirs, **options, is_first_step=first)
+        torch.ops.torchfast.fused_sgd_(*cpu, **options, is_first_step=first)
     _assert_lists_close(mine, theirs, dtype)
+    _assert_lists_close(mine, cpu, dtype, ONE_ULP[dtype])
 
 
-@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize("misaligned", ["none", "all", "one-grad"])
 def test_sgd_device_scalars(emu, schedule, misaligned):
     options = SGD_OPTIONS[1]
-    mine = _sgd_state(SHAPES, torch.float16, True, misaligned)
+    mine = _sgd_state(SHAPES, torch.float16, True, misaligned == "all")
+    if misaligned == "one-grad":
+        mine[1] = [_misalign(t) for t in mine[1]]
     theirs = _clone(mine)
-    extra = dict(lr_tensor=torch.tensor(0.07), grad_scale=torch.tensor(8.0), clip_coef=torch.tensor(0.25))
+    extra = dict(lr_tensor=torch.tensor(0.07), grad_scale=torch.tensor(8.0), clip_coef=torch.tensor(0.25),
+                 found_inf=torch.tensor(0.0))
     emu.ops.fused_sgd_(*mine, **options, is_first_step=True, **extra)
     ref.fused_sgd_(*theirs, **options, is_first_step=True, **extra)
     _assert_lists_close(mine, theirs, torch.float16)
     skipped = _clone(mine)
     emu.ops.fused_sgd_(*mine, **options, is_first_step=False, found_inf=torch.tensor(1.0))
-    _assert_lists_close(mine, skipped, torch.float16)
+    _assert_lists_equal(mine, skipped)

@@ -7,6 +7,9 @@ namespace torchfast {
 
 template <int kThreads, typename T, typename Op>
 __device__ T block_reduce(T v, Op op) {
+  TF_EMULATOR_CHECK(blockDim.x == kThreads && blockDim.y == 1 && blockDim.z == 1,
+                    "block_reduce<" + std::to_string(kThreads) + "> in a block of " + std::to_string(blockDim.x) +
+                        " x " + std::to_string(blockDim.y) + " x " + std::to_string(blockDim.z) + " threads");
   TF_SHARED(T, buf, [kThreads]);
   buf[threadIdx.x] = v;
   __syncthreads();

@@ -27,6 +27,11 @@
 #define TF_DEVICE_ARCH_AT_LEAST(arch) 1
 // The emulated "device" is the CPU: host buffers need no pinning (pinned memory needs a GPU).
 #define TF_PINNED_HOST_BUFFERS false
+// A device-side assumption that nvcc cannot check (e.g. a launch-bounds contract): a fault here.
+#define TF_EMULATOR_CHECK(cond, message) \
+  do {                                   \
+    if (!(cond)) ::tf_emu::fault(message); \
+  } while (0)
 
 #else  // nvcc
 
@@ -53,5 +58,6 @@ inline void tf_launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t s
 #endif
 #define TF_DEVICE_ARCH_AT_LEAST(arch) (TF_DEVICE_ARCH >= (arch))
 #define TF_PINNED_HOST_BUFFERS true
+#define TF_EMULATOR_CHECK(cond, message) ((void)0)
 
 #endif

@@ -17,9 +17,13 @@ void set_schedule(const std::string& order, int64_t seed) {
     o = tf_emu::Order::kDescending;
   } else if (order == "random") {
     o = tf_emu::Order::kRandom;
+  } else if (order == "warps-ascending") {
+    o = tf_emu::Order::kWarpsAscending;
+  } else if (order == "warps-descending") {
+    o = tf_emu::Order::kWarpsDescending;
   } else {
-    TORCH_CHECK(false, "torchfast CUDA emulator: schedule must be 'ascending', 'descending' or 'random', got '",
-                order, "'");
+    TORCH_CHECK(false, "torchfast CUDA emulator: schedule must be 'ascending', 'descending', 'random', "
+                "'warps-ascending' or 'warps-descending', got '", order, "'");
   }
   tf_emu::set_schedule(o, static_cast<uint64_t>(seed));
 }

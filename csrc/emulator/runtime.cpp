@@ -15,6 +15,10 @@
 
 #include "emulator/fiber.h"
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#endif
+
 thread_local uint3 threadIdx{0, 0, 0};
 thread_local uint3 blockIdx{0, 0, 0};
 thread_local dim3 blockDim{1, 1, 1};
@@ -123,23 +127,39 @@ struct Thread {
   uint64_t value = 0, result = 0;
 };
 
+// A shared-memory buffer of exactly `bytes`, aligned to exactly `align` (its address is an odd
+// multiple of it: no accidental over-alignment hides a misaligned access), filled with 0xFF bytes
+// (NaN in every float type, -1 in every integer) so that a read before a write shows. It ends where
+// its allocation ends (AddressSanitizer sees an overflow); the padding before it is poisoned.
 struct SharedBuffer {
+  void* base = nullptr;
   void* ptr = nullptr;
-  size_t bytes = 0, align = 16;
+  size_t bytes = 0, align = 1;
   SharedBuffer() = default;
-  SharedBuffer(size_t b, size_t a) : bytes(b), align(std::max<size_t>(a, 16)) {
-    ptr = ::operator new(bytes, std::align_val_t(align));
-    std::memset(ptr, 0xFF, bytes);  // poison: NaN in every float type, -1 in every integer
+  SharedBuffer(size_t b, size_t a) : bytes(b), align(std::max<size_t>(a, 1)) {
+    base = ::operator new(bytes + align, std::align_val_t(2 * align));
+    ptr = static_cast<char*>(base) + align;
+    std::memset(ptr, 0xFF, bytes);
+#if defined(__SANITIZE_ADDRESS__)
+    ASAN_POISON_MEMORY_REGION(base, align);
+#endif
   }
-  SharedBuffer(SharedBuffer&& o) noexcept : ptr(o.ptr), bytes(o.bytes), align(o.align) { o.ptr = nullptr; }
+  SharedBuffer(SharedBuffer&& o) noexcept : base(o.base), ptr(o.ptr), bytes(o.bytes), align(o.align) {
+    o.base = o.ptr = nullptr;
+  }
   SharedBuffer& operator=(SharedBuffer&& o) noexcept {
+    std::swap(base, o.base);
     std::swap(ptr, o.ptr);
-    bytes = o.bytes;
-    align = o.align;
+    std::swap(bytes, o.bytes);
+    std::swap(align, o.align);
     return *this;
   }
   ~SharedBuffer() {
-    if (ptr) ::operator delete(ptr, std::align_val_t(align));
+    if (!base) return;
+#if defined(__SANITIZE_ADDRESS__)
+    ASAN_UNPOISON_MEMORY_REGION(base, align);
+#endif
+    ::operator delete(base, std::align_val_t(2 * align));
   }
 };
 
@@ -160,7 +180,8 @@ struct BlockRun {
   FiberContext scheduler;
   std::map<const void*, SharedBuffer> statics;
   size_t static_bytes = 0;
-  SharedBuffer dynamic;
+  SharedBuffer dynamic;  // created by the first extern __shared__ declaration run in the block
+  bool has_dynamic = false;
   std::string fault;  // set when a thread faulted
 };
 
@@ -215,56 +236,66 @@ void yield_to_scheduler(Thread& t) {
 
 std::string thread_name(const Thread& t) { return "thread " + format_dim(t.idx); }
 
-// Releases the warp collectives that can complete; false when none could.
-bool release_warps(BlockRun& b, std::vector<unsigned>& ready) {
-  bool any = false;
-  const unsigned n = static_cast<unsigned>(b.threads.size());
-  for (unsigned w0 = 0; w0 < n; w0 += kWarpSize) {
-    const unsigned w1 = std::min(n, w0 + kWarpSize);
-    unsigned waiting = 0, done = 0;
-    const Thread* first = nullptr;
-    for (unsigned i = w0; i < w1; ++i) {
-      const Thread& t = b.threads[i];
-      if (t.wait == Wait::kWarpCollective) {
-        ++waiting;
-        if (!first) first = &t;
-      }
-      if (t.wait == Wait::kDone) ++done;
+// Releases warp [w0, w0 + 32)'s collective when all its lanes wait at it; false when it cannot.
+bool release_warp(BlockRun& b, unsigned w0) {
+  const unsigned w1 = std::min(static_cast<unsigned>(b.threads.size()), w0 + kWarpSize);
+  unsigned waiting = 0, done = 0;
+  const Thread* first = nullptr;
+  for (unsigned i = w0; i < w1; ++i) {
+    const Thread& t = b.threads[i];
+    if (t.wait == Wait::kWarpCollective) {
+      ++waiting;
+      if (!first) first = &t;
     }
-    if (waiting == 0) continue;
-    const std::string kind = first->shuffle ? "warp shuffle" : "__syncwarp";
-    if (waiting + done == w1 - w0 && done > 0) {
-      kernel_error(b, "warp " + std::to_string(w0 / kWarpSize) + ": " + std::to_string(done) +
-                          " lanes exited while the others wait at the " + kind + " at " + first->site.str() +
-                          " (a full-mask collective needs every lane)");
-    }
-    if (waiting != w1 - w0) continue;  // some lanes still run or wait at a block barrier
-    for (unsigned i = w0; i < w1; ++i) {
-      const Thread& t = b.threads[i];
-      if (!(t.site == first->site) || t.shuffle != first->shuffle)
-        kernel_error(b, "divergent warp collectives in warp " + std::to_string(w0 / kWarpSize) + ": lane " +
-                            std::to_string(first->linear % kWarpSize) + " at " + first->site.str() + ", lane " +
-                            std::to_string(t.linear % kWarpSize) + " at " + t.site.str());
-    }
-    for (unsigned i = w0; i < w1; ++i) {
-      Thread& t = b.threads[i];
-      if (t.shuffle) {
-        const unsigned lane = t.linear % kWarpSize;
-        const unsigned src = t.xor_mode ? (lane ^ static_cast<unsigned>(t.src_lane)) : static_cast<unsigned>(t.src_lane);
-        // Outside the warp: CUDA returns the caller's own value (width 32: src is taken mod 32).
-        const unsigned s = src % kWarpSize;
-        t.result = (w0 + s < w1) ? b.threads[w0 + s].value : t.value;
-      }
-      t.wait = Wait::kReady;
-      ready.push_back(i);
-    }
-    any = true;
+    if (t.wait == Wait::kDone) ++done;
   }
+  if (waiting == 0) return false;
+  const std::string kind = first->shuffle ? "warp shuffle" : "__syncwarp";
+  if (waiting + done == w1 - w0 && done > 0) {
+    kernel_error(b, "warp " + std::to_string(w0 / kWarpSize) + ": " + std::to_string(done) +
+                        " lanes exited while the others wait at the " + kind + " at " + first->site.str() +
+                        " (a full-mask collective needs every lane)");
+  }
+  if (waiting != w1 - w0) return false;  // some lanes still run or wait at a block barrier
+  for (unsigned i = w0; i < w1; ++i) {
+    const Thread& t = b.threads[i];
+    // __syncwarp may be reached from different call sites (sm_70+); a shuffle exchanges values, so
+    // every lane must be in the same one.
+    const bool same = t.shuffle == first->shuffle && (!t.shuffle || t.site == first->site);
+    if (!same)
+      kernel_error(b, "divergent warp collectives in warp " + std::to_string(w0 / kWarpSize) + ": lane " +
+                          std::to_string(first->linear % kWarpSize) + " at " + first->site.str() + ", lane " +
+                          std::to_string(t.linear % kWarpSize) + " at " + t.site.str());
+  }
+  for (unsigned i = w0; i < w1; ++i) {
+    Thread& t = b.threads[i];
+    if (t.shuffle) {
+      const unsigned lane = t.linear % kWarpSize;
+      // width 32: an index takes its low 5 bits; a butterfly past lane 31 returns the caller's value
+      const unsigned src = t.xor_mode ? (lane ^ static_cast<unsigned>(t.src_lane))
+                                      : (static_cast<unsigned>(t.src_lane) & (kWarpSize - 1));
+      if (src >= kWarpSize) {
+        t.result = t.value;
+      } else if (w0 + src < w1) {
+        t.result = b.threads[w0 + src].value;
+      } else {
+        t.result = ~uint64_t{0};  // a lane of a partial warp that does not exist: undefined (poison)
+      }
+    }
+    t.wait = Wait::kReady;
+  }
+  return true;
+}
+
+bool release_any_warp(BlockRun& b) {
+  bool any = false;
+  for (unsigned w0 = 0; w0 < b.threads.size(); w0 += kWarpSize) any = release_warp(b, w0) || any;
   return any;
 }
 
-// Releases the block barrier when every thread waits at it; reports divergence and deadlock.
-void release_block_barrier(BlockRun& b, std::vector<unsigned>& ready) {
+// Releases the block barrier when every thread waits at it, reporting divergence and deadlock;
+// false when every thread has finished.
+bool release_block_barrier(BlockRun& b) {
   const Thread* first = nullptr;
   const Thread* exited = nullptr;
   const Thread* at_warp = nullptr;
@@ -283,7 +314,7 @@ void release_block_barrier(BlockRun& b, std::vector<unsigned>& ready) {
     if (at_warp)
       kernel_error(b, "deadlock: " + thread_name(*at_warp) + " waits at the warp collective at " +
                           at_warp->site.str() + " for lanes that never arrive");
-    return;  // every thread has finished
+    return false;  // every thread has finished
   }
   if (at_warp)
     kernel_error(b, "deadlock: " + thread_name(*at_warp) + " waits at the warp collective at " + at_warp->site.str() +
@@ -295,40 +326,55 @@ void release_block_barrier(BlockRun& b, std::vector<unsigned>& ready) {
     if (!(t.site == first->site))
       kernel_error(b, "divergent __syncthreads: " + thread_name(*first) + " at " + first->site.str() + ", " +
                           thread_name(t) + " at " + t.site.str());
-  for (unsigned i = 0; i < b.threads.size(); ++i) {
-    b.threads[i].wait = Wait::kReady;
-    ready.push_back(i);
-  }
+  for (Thread& t : b.threads) t.wait = Wait::kReady;
+  return true;
+}
+
+void run_thread(BlockRun& b, Thread& t) {
+  b.current = &t;
+  threadIdx = t.idx;
+  fiber_switch(b.scheduler, t.ctx, b.launch->backend, /*exiting=*/false);
+  b.current = nullptr;
+  if (!b.fault.empty()) kernel_error(b, b.fault + " (" + thread_name(t) + ")");
+}
+
+// Runs the ready threads of [begin, end) once each, in the schedule's order.
+void run_ready(BlockRun& b, unsigned begin, unsigned end, Order order, std::mt19937_64& rng,
+               std::vector<unsigned>& scratch) {
+  scratch.clear();
+  for (unsigned i = begin; i < end; ++i)
+    if (b.threads[i].wait == Wait::kReady) scratch.push_back(i);
+  if (order == Order::kDescending) std::reverse(scratch.begin(), scratch.end());
+  if (order == Order::kRandom) std::shuffle(scratch.begin(), scratch.end(), rng);
+  for (unsigned i : scratch) run_thread(b, b.threads[i]);
 }
 
 void run_block(BlockRun& b, Order order, std::mt19937_64& rng) {
   const unsigned n = static_cast<unsigned>(b.threads.size());
-  std::vector<unsigned> ready(n);
   for (unsigned i = 0; i < n; ++i) {
     Thread& t = b.threads[i];
     t.wait = Wait::kReady;
     t.shuffle = false;
     fiber_prepare(t.ctx, b.launch->backend, *g_stacks[i], &thread_entry, &t);
-    ready[i] = i;
   }
+  std::vector<unsigned> scratch;
+  const bool warp_serial = order == Order::kWarpsAscending || order == Order::kWarpsDescending;
+  std::vector<unsigned> warps;
+  for (unsigned w0 = 0; w0 < n; w0 += kWarpSize) warps.push_back(w0);
+  if (order == Order::kWarpsDescending) std::reverse(warps.begin(), warps.end());
   while (true) {
-    if (order == Order::kDescending) std::reverse(ready.begin(), ready.end());
-    if (order == Order::kRandom) std::shuffle(ready.begin(), ready.end(), rng);
-    for (unsigned i : ready) {
-      Thread& t = b.threads[i];
-      b.current = &t;
-      threadIdx = t.idx;
-      fiber_switch(b.scheduler, t.ctx, b.launch->backend, /*exiting=*/false);
-      b.current = nullptr;
-      if (!b.fault.empty()) kernel_error(b, b.fault + " (" + thread_name(t) + ")");
+    if (warp_serial) {
+      // each warp in turn runs on through its warp collectives up to __syncthreads (or its end)
+      for (unsigned w0 : warps) {
+        do {
+          run_ready(b, w0, std::min(n, w0 + kWarpSize), Order::kAscending, rng, scratch);
+        } while (release_warp(b, w0));
+      }
+    } else {
+      run_ready(b, 0, n, order, rng, scratch);
+      if (release_any_warp(b)) continue;
     }
-    ready.clear();
-    if (release_warps(b, ready)) {
-      std::sort(ready.begin(), ready.end());
-      continue;
-    }
-    release_block_barrier(b, ready);
-    if (ready.empty()) return;
+    if (!release_block_barrier(b)) return;
   }
 }
 
@@ -348,7 +394,7 @@ void check_full_mask(const char* what, unsigned mask, const Site& site) {
   const BlockRun& b = *g_block;
   const unsigned lanes = warp_lanes(b, *b.current);
   const unsigned full = lanes == 32 ? 0xffffffffu : ((1u << lanes) - 1u);
-  if (mask != full) {
+  if (mask != full && mask != 0xffffffffu) {
     std::ostringstream s;
     s << what << " at " << site.str() << " with mask 0x" << std::hex << mask << ": only full-warp masks (0x" << full
       << ") are modelled";
@@ -375,6 +421,7 @@ void set_device(const std::string& arch) {
   }
   std::lock_guard<std::mutex> lock(g_settings_mutex);
   g_device = it->second;
+  g_max_dynamic_shared.clear();  // function attributes belong to a device's context
 }
 
 const cudaDeviceProp* device_properties() { return &g_device; }
@@ -458,19 +505,27 @@ void* static_shared(const void* tag, size_t bytes, size_t align, const char* nam
   auto it = b.statics.find(tag);
   if (it != b.statics.end()) return it->second.ptr;
   b.static_bytes += bytes;
-  if (b.static_bytes > kStaticSharedLimit)
-    fault("static __shared__ `" + std::string(name) + "` at " + short_path(file) + ":" + std::to_string(line) +
-          " brings the block's static shared memory to " + std::to_string(b.static_bytes) + " bytes (limit " +
-          std::to_string(kStaticSharedLimit) + ")");
-  return b.statics.emplace(tag, SharedBuffer(bytes, std::max<size_t>(align, 128))).first->second.ptr;
+  const std::string what = "static __shared__ `" + std::string(name) + "` at " + short_path(file) + ":" +
+                           std::to_string(line) + " brings the block's static shared memory to " +
+                           std::to_string(b.static_bytes) + " bytes";
+  if (b.static_bytes > kStaticSharedLimit) fault(what + " (limit " + std::to_string(kStaticSharedLimit) + ")");
+  const size_t optin = device_properties()->sharedMemPerBlockOptin;
+  if (b.static_bytes + b.launch->shared_bytes > optin)
+    fault(what + ", with the launch's " + std::to_string(b.launch->shared_bytes) +
+          " dynamic bytes more than the device's opt-in limit of " + std::to_string(optin));
+  return b.statics.emplace(tag, SharedBuffer(bytes, align)).first->second.ptr;
 }
 
 void* dynamic_shared(size_t align) {
   current_thread("extern __shared__");
   BlockRun& b = *g_block;
-  if (align > b.dynamic.align)
-    fault("dynamic shared memory declared with alignment " + std::to_string(align) + " > the emulator's " +
+  if (!b.has_dynamic) {
+    b.dynamic = SharedBuffer(b.launch->shared_bytes, align);
+    b.has_dynamic = true;
+  } else if (align > b.dynamic.align) {
+    fault("extern __shared__ declared with alignment " + std::to_string(align) + " after one with " +
           std::to_string(b.dynamic.align));
+  }
   return b.dynamic.ptr;
 }
 
@@ -553,17 +608,28 @@ void run_grid(const LaunchSite& site, const void* kernel_key, dim3 grid, dim3 bl
   blockDim = block;
   gridDim = grid;
   g_block = &b;
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        blockIdx = uint3{bx, by, bz};
-        b.statics.clear();
-        b.static_bytes = 0;
-        b.dynamic = SharedBuffer(shared_bytes, 128);
-        // Each block its own stream of random orders, reproducible from the seed.
-        std::mt19937_64 rng(seed * 0x9E3779B97F4A7C15ull + ((uint64_t{bz} * grid.y + by) * grid.x + bx));
-        run_block(b, order, rng);
-      }
+  // Blocks run one at a time, in the schedule's order (ascending, reversed, or shuffled).
+  const uint64_t blocks = uint64_t{grid.x} * grid.y * grid.z;
+  std::mt19937_64 block_rng(seed * 0x9E3779B97F4A7C15ull + 0x5851F42D4C957F2Dull);
+  std::vector<uint64_t> block_order;
+  if (order == Order::kRandom) {
+    block_order.resize(blocks);
+    for (uint64_t i = 0; i < blocks; ++i) block_order[i] = i;
+    std::shuffle(block_order.begin(), block_order.end(), block_rng);
+  }
+  const bool reversed = order == Order::kDescending || order == Order::kWarpsDescending;
+  for (uint64_t k = 0; k < blocks; ++k) {
+    const uint64_t linear = order == Order::kRandom ? block_order[k] : (reversed ? blocks - 1 - k : k);
+    blockIdx = uint3{static_cast<unsigned>(linear % grid.x), static_cast<unsigned>(linear / grid.x % grid.y),
+                     static_cast<unsigned>(linear / (uint64_t{grid.x} * grid.y))};
+    b.statics.clear();
+    b.static_bytes = 0;
+    b.dynamic = SharedBuffer();
+    b.has_dynamic = false;
+    // Each block its own stream of random orders, reproducible from the seed.
+    std::mt19937_64 rng(seed * 0x9E3779B97F4A7C15ull + linear);
+    run_block(b, order, rng);
+  }
 }
 
 cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int value) {

@@ -84,7 +84,12 @@ extern thread_local dim3 gridDim;
 namespace tf_emu {
 
 // ---- control (set from Python through torchfast.testing.cuda_emulator) ----------------------
-enum class Order { kAscending, kDescending, kRandom };
+// kAscending/kDescending/kRandom: the ready threads of a block run in that order, all of them
+// between one barrier release and the next (the warps of a block advance together).
+// kWarpsAscending/kWarpsDescending: one warp at a time runs on, through its warp collectives, until
+// it reaches __syncthreads or exits; then the next (so a warp runs ahead of the others, which shows
+// a missing __syncthreads between warps). Blocks run in the same order (random: shuffled).
+enum class Order { kAscending, kDescending, kRandom, kWarpsAscending, kWarpsDescending };
 void set_schedule(Order order, uint64_t seed);
 // "sm75", "sm80", "sm86" or "sm90": the properties at::cuda::getCurrentDeviceProperties() returns.
 void set_device(const std::string& arch);

@@ -2,6 +2,7 @@
 function that runs the kernel or, where no kernel serves the call, the reference."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -16,6 +17,24 @@ from torchfast.reference import attention as ref
 # these use the reference there (fp64 tiles take twice the shared memory).
 CUDA_MAX_HEAD_DIM = 256
 CUDA_MAX_HEAD_DIM_FP64 = 128
+
+
+def cuda_scalar_kernel_shared_memory(dtype: torch.dtype, head_dim: int, value_dim: int) -> tuple[int, int]:
+    """Bytes of shared memory per block of the scalar CUDA forward and backward kernels
+    (csrc/attention/attention_cuda.cu: 16 query rows and 32-key tiles, 4 warps), in their compute
+    type. A GPU whose opt-in limit is smaller (e.g. 64 KiB on sm_75 for an fp32 backward at D=128)
+    runs such calls on the reference."""
+    acc = 8 if dtype == torch.float64 else 4
+    rows, keys, warps = 16, 32, 4
+    forward = acc * (rows * head_dim + keys * (head_dim + 1) + keys * value_dim)
+    backward = acc * (2 * keys * (head_dim + 1) + 2 * keys * (value_dim + 1) + warps * (head_dim + value_dim))
+    return forward, backward
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_shared_memory_optin(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return int(getattr(props, "shared_memory_per_block_optin", 48 * 1024))
 
 
 def _lse_dtype(q: Tensor) -> torch.dtype:
@@ -77,7 +96,12 @@ def kernel_serves(query: Tensor, value: Tensor, attn_mask: Optional[Tensor]) -> 
     if device != "cuda":
         return True
     limit = CUDA_MAX_HEAD_DIM_FP64 if query.dtype == torch.float64 else CUDA_MAX_HEAD_DIM
-    return max(query.size(-1), value.size(-1)) <= limit
+    if max(query.size(-1), value.size(-1)) > limit:
+        return False
+    # the scalar kernels (the fallback of the tensor-core ones, too) must fit this GPU's shared memory
+    need = max(cuda_scalar_kernel_shared_memory(query.dtype, query.size(-1), value.size(-1)))
+    return need <= _cuda_shared_memory_optin(query.device.index if query.device.index is not None
+                                             else torch.cuda.current_device())
 
 
 def flash_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], is_causal: bool,

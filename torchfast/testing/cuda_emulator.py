@@ -23,7 +23,7 @@ import torch
 
 import torchfast  # noqa: F401  (loads torch and torchfast's own library first)
 
-ORDERS = ("ascending", "descending", "random")
+ORDERS = ("ascending", "descending", "random", "warps-ascending", "warps-descending")
 DEVICES = ("sm75", "sm80", "sm86", "sm90")
 BUILD_HINT = ("rebuild torchfast with the emulator: `TORCHFAST_EMULATOR=1 pip install .` (add "
               "TORCHFAST_EMULATOR_SANITIZERS=1 for the sanitized build), or "
@@ -54,8 +54,10 @@ _state = {"order": "ascending", "seed": 0, "device": "sm90"}
 
 
 def set_schedule(order: str, seed: int = 0) -> None:
-    """The order in which a block's threads run between barriers: ascending, descending or random
-    (a reproducible shuffle per block and round, from `seed`)."""
+    """The order in which a block's threads (and its blocks) run: ascending, descending or random (a
+    reproducible shuffle per block and round, from `seed`) run every ready thread between barrier
+    releases, so warps advance together; warps-ascending / warps-descending run one warp at a time
+    on through its warp collectives up to __syncthreads, so that a warp runs ahead of the others."""
     if order not in ORDERS:
         raise ValueError(f"schedule order must be one of {ORDERS}, got {order!r}")
     ops._emulator_set_schedule(order, int(seed))
