@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 
 from torchfast.nn import _onednn
 from torchfast.nn.functional import batch_norm_add_relu
@@ -128,6 +128,26 @@ class ConvBNReLU2d(nn.Sequential):
         return super().train(mode)
 
 
+def _pruned(module: nn.Module, name: str = "weight") -> bool:
+    """Whether torch.nn.utils.prune reparametrises module.<name> (as <name>_orig * <name>_mask)."""
+    return name not in module._parameters and name + "_orig" in module._parameters and \
+        name + "_mask" in module._buffers
+
+
+def current_weight(conv: nn.Module) -> Tensor:
+    """conv.weight as its forward would see it now: for a weight pruned by torch.nn.utils.prune,
+    weight_orig * weight_mask (the attribute `weight` is only refreshed when the module is called)."""
+    if _pruned(conv):
+        return conv._parameters["weight_orig"] * conv._buffers["weight_mask"]
+    return conv.weight
+
+
+def _weight_sources(conv: nn.Module) -> tuple:
+    if _pruned(conv):
+        return conv._parameters["weight_orig"], conv._buffers["weight_mask"]
+    return (conv._parameters["weight"],)
+
+
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
     """Weight and bias of one convolution computing bn(conv(x)) with bn's running statistics."""
     with torch.no_grad():
@@ -139,8 +159,9 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> tuple[
             shift = shift + conv.bias.to(stat) * scale
         if bn.bias is not None:
             shift = shift + bn.bias.to(stat)
-        weight = conv.weight.to(stat) * scale.view(-1, *([1] * (conv.weight.dim() - 1)))
-        return weight.to(conv.weight.dtype), shift.to(conv.weight.dtype)
+        conv_weight = current_weight(conv)
+        weight = conv_weight.to(stat) * scale.view(-1, *([1] * (conv_weight.dim() - 1)))
+        return weight.to(conv_weight.dtype), shift.to(conv_weight.dtype)
 
 
 def _versions(tensors) -> tuple:
@@ -175,7 +196,7 @@ class FoldedConvBN:
         # straight from the modules' dicts: nn.Module.__getattr__ would cost ~1 us per tensor, which
         # shows at batch-1 inference
         p, q, b = conv._parameters, bn._parameters, bn._buffers
-        sources = (p["weight"], p.get("bias"), q.get("weight"), q.get("bias"), b.get("running_mean"),
+        sources = (*_weight_sources(conv), p.get("bias"), q.get("weight"), q.get("bias"), b.get("running_mean"),
                    b.get("running_var"))
         try:
             key = _versions(sources) + (bn.eps,)
@@ -190,7 +211,8 @@ class FoldedConvBN:
 
 def plain_path_needed(module: nn.Module, bns, x: Tensor) -> bool:
     """Whether a fused layer should run its submodules as the plain torch stack does: when forward or
-    backward hooks sit on them (they fire only if the submodules are called), when a batch norm is not a plain
+    backward hooks sit on them (they fire only if the submodules are called; torch.nn.utils.prune's
+    weight reparametrisation is the exception: the fused paths read weight_orig * weight_mask), when a batch norm is not a plain
     nn.BatchNorm2d (e.g. SyncBatchNorm after convert_sync_batchnorm), or under autocast (which
     applies to the submodules' ops, so the fused kernels would change the result's dtype)."""
     if any(type(bn) not in (nn.BatchNorm2d, BatchNormReLU2d, BatchNormAddReLU2d) for bn in bns):
@@ -201,7 +223,8 @@ def plain_path_needed(module: nn.Module, bns, x: Tensor) -> bool:
     if (hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
             or hooks._global_backward_pre_hooks):
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+    return any(m._forward_hooks or m._backward_hooks or m._backward_pre_hooks or
+               any(not isinstance(h, prune.BasePruningMethod) for h in m._forward_pre_hooks.values())
                for m in module.children())
 
 

@@ -1,6 +1,7 @@
 """Helpers shared by the op families' Python faces."""
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
@@ -23,13 +24,43 @@ def eager_entry(name: str):
 
 
 def exporting() -> bool:
-    """Whether torch.onnx.export or torch.export is tracing: the ops then lower to their plain-PyTorch
-    references, which every exporter and runtime understands (no custom-op translation needed)."""
-    onnx = sys.modules.get("torch.onnx")  # not imported: not exporting (and no import cost per call)
-    if onnx is not None and getattr(onnx, "is_in_onnx_export", lambda: False)():
-        return True
+    """Whether torch.onnx.export or torch.export is tracing (the fused layers then fold afresh and
+    skip the oneDNN post-op convolutions, which have no fake-tensor implementation)."""
+    return onnx_exporting() or _torch_exporting()
+
+
+def _torch_exporting() -> bool:
     is_exporting = getattr(torch.compiler, "is_exporting", None)
     return bool(is_exporting()) if is_exporting is not None else False
+
+
+def onnx_exporting() -> bool:
+    onnx = sys.modules.get("torch.onnx")  # not imported: not exporting (and no import cost per call)
+    return onnx is not None and bool(getattr(onnx, "is_in_onnx_export", lambda: False)())
+
+
+# Set by torchfast.deploy while it exports to ONNX with its translations of the torchfast ops.
+_ONNX_TRANSLATIONS_ACTIVE = False
+
+
+@contextlib.contextmanager
+def onnx_translations_active():
+    """Inside it, an ONNX export keeps the torchfast ops in the graph: the caller hands the exporter
+    their translations (torchfast.deploy does)."""
+    global _ONNX_TRANSLATIONS_ACTIVE
+    previous, _ONNX_TRANSLATIONS_ACTIVE = _ONNX_TRANSLATIONS_ACTIVE, True
+    try:
+        yield
+    finally:
+        _ONNX_TRANSLATIONS_ACTIVE = previous
+
+
+def lower_to_reference() -> bool:
+    """Whether the ops should run their plain-PyTorch references so that a tracer records standard
+    ops: while an ONNX exporter traces without torchfast's translations (a plain torch.onnx.export,
+    either exporter, then works with no torchfast-specific step). torch.export keeps the ops: they
+    have fake kernels, and the exported program runs the fused kernels."""
+    return onnx_exporting() and not _ONNX_TRANSLATIONS_ACTIVE
 
 
 def grads_through(output, inputs, needs, grad_output) -> list:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from torchfast import _loader
-from torchfast.ops._registry import (autograd_transforms_active, compiled_op, exporting, grads_through,
+from torchfast.ops._registry import (autograd_transforms_active, compiled_op, lower_to_reference, grads_through,
                                       register_fake_if_compiled)
 from torchfast.reference import attention as ref
 
@@ -87,7 +87,7 @@ if _loader.STATE.loaded:
 def kernel_serves(query: Tensor, value: Tensor, attn_mask: Optional[Tensor]) -> bool:
     """Whether the compiled kernel handles this call (else the reference does)."""
     device = query.device.type
-    if exporting() or autograd_transforms_active():
+    if lower_to_reference() or autograd_transforms_active():
         return False  # exporters and torch.func transforms get the reference's plain ops
     if not (_loader.has_kernel("flash_attention", device) and _loader.has_kernel("flash_attention_backward", device)):
         return False

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from torchfast import _loader
-from torchfast.ops._registry import autograd_transforms_active, compiled_op, exporting, register_fake_if_compiled
+from torchfast.ops._registry import autograd_transforms_active, compiled_op, lower_to_reference, register_fake_if_compiled
 from torchfast.reference import norm as ref
 
 
@@ -35,7 +35,7 @@ def bn_add_relu(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, eps: float,
                 relu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(relu?(batch_norm(input) + residual?), mean, invstd, biased var); see csrc/torchfast.cpp."""
-    if not exporting() and not autograd_transforms_active() and _loader.has_kernel(
+    if not lower_to_reference() and not autograd_transforms_active() and _loader.has_kernel(
             "bn_add_relu", input.device.type) and _loader.has_kernel(
             "bn_add_relu_backward", input.device.type):
         return compiled_op("bn_add_relu")(input, weight, bias, residual, running_mean, running_var, training,

@@ -1,0 +1,232 @@
+"""torchfast.deploy.quantize: CPU int8 inference, by three well-kept toolchains.
+
+- "onnx-static": ONNX export -> onnxruntime quant_pre_process -> quantize_static (QDQ, per-channel
+  weights, calibrated on a loader); U8S8 or S8S8 activations/weights, whichever runs faster here;
+- "dynamic": ONNX export -> onnxruntime quantize_dynamic of MatMul/Gemm only (Linear layers and the
+  attention projections; its default would also turn Conv into ConvInteger, which runs slower than
+  float convolutions on x86);
+- "pt2e": torch.export -> torchao prepare_pt2e(X86InductorQuantizer) -> calibrate -> convert_pt2e
+  -> torch.compile with frozen weights (inductor lowers the quantize/dequantize patterns to oneDNN's
+  int8 kernels; an uncompiled PT2E graph only simulates int8 in float).
+
+Every method first rewrites torchfast's fused layers to plain conv -> BN -> (add) -> ReLU with the
+batch norms folded (deploy.plain.to_plain), so that nothing stays float because a quantizer could not
+see into a fused op.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from torchfast.deploy import runtime
+from torchfast.deploy.onnx_export import export_onnx
+from torchfast.deploy.plain import to_plain
+
+METHODS = ("onnx-static", "dynamic", "pt2e")
+
+
+@dataclass
+class QuantizedModel:
+    """The result: `module` runs it (tensors in, tensors out), `path` is its ONNX file (ONNX methods)."""
+    module: nn.Module
+    method: str
+    path: Optional[str]
+    size_bytes: int
+    details: dict = field(default_factory=dict)
+
+    def __call__(self, *inputs):
+        return self.module(*inputs)
+
+
+def _first_tensor(batch):
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return (batch[0],)  # (inputs, targets) as a DataLoader over a labelled data set yields
+    raise TypeError(f"quantize: calibration batches must be tensors or (inputs, targets) pairs, got "
+                    f"{type(batch).__name__}")
+
+
+def calibration_batches(calibration: Optional[Iterable], example_inputs, limit: int) -> list:
+    """Up to `limit` input tuples from the loader (or the example inputs alone when there is none)."""
+    if calibration is None:
+        return [runtime.as_tuple(example_inputs)]
+    batches = []
+    for batch in calibration:
+        batches.append(_first_tensor(batch))
+        if len(batches) >= limit:
+            break
+    if not batches:
+        raise ValueError("quantize: the calibration loader yielded no batches")
+    return batches
+
+
+def quantize(model: nn.Module, example_inputs, *, method: str = "onnx-static", calibration: Optional[Iterable] = None,
+             path: Optional[str] = None, calibration_limit: int = 32, activation: str = "auto",
+             threads: Optional[int] = None) -> QuantizedModel:
+    """An int8 version of `model` (left unchanged) for CPU inference.
+
+    example_inputs: a tensor or a tuple (batch dim first; the batch stays dynamic). calibration: an
+    iterable of input batches or (inputs, targets) pairs (e.g. the validation DataLoader), used
+    for the static methods' activation ranges (up to `calibration_limit` batches; without one, the
+    example inputs calibrate, which is rarely representative). path: where the ONNX methods write
+    their file (default: a temporary directory). activation (onnx-static): "u8" (U8S8), "s8"
+    (S8S8) or "auto" (both quantized, the faster one here kept)."""
+    if method not in METHODS:
+        raise ValueError(f"quantize: method must be one of {METHODS}, got {method!r}")
+    was_training = model.training
+    model.eval()
+    try:
+        plain = to_plain(model, fold_bn=True)
+    finally:
+        model.train(was_training)
+    example = runtime.as_tuple(example_inputs)
+    if method == "pt2e":
+        return _pt2e(plain, example, calibration_batches(calibration, example, calibration_limit))
+    workdir = os.path.dirname(os.path.abspath(path)) if path else tempfile.mkdtemp(prefix="torchfast-quant-")
+    out_path = os.fspath(path) if path else os.path.join(workdir, f"model-{method}.onnx")
+    fp32_path = os.path.splitext(out_path)[0] + "-fp32.onnx"
+    export_onnx(plain, example, fp32_path, verify=False)
+    if method == "dynamic":
+        return _ort_dynamic(fp32_path, out_path, threads)
+    return _ort_static(fp32_path, out_path, calibration_batches(calibration, example, calibration_limit), example,
+                       activation, threads)
+
+
+# -- onnxruntime -----------------------------------------------------------------------------------
+
+def _ort_quantization():
+    runtime.require_onnxruntime()
+    from onnxruntime import quantization
+
+    return quantization
+
+
+def _ort_dynamic(fp32_path: str, out_path: str, threads) -> QuantizedModel:
+    q = _ort_quantization()
+    q.quantize_dynamic(fp32_path, out_path, op_types_to_quantize=["MatMul", "Gemm"], weight_type=q.QuantType.QInt8,
+                       per_channel=True)
+    return QuantizedModel(runtime.OrtModule(out_path, threads), "dynamic", out_path, runtime.file_bytes(out_path),
+                          {"quantized": "MatMul/Gemm weights int8, activations quantized per call"})
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader over a list of input tuples."""
+
+    def __init__(self, names, batches):
+        self._items = iter([{n: runtime._to_numpy(t) for n, t in zip(names, b)} for b in batches])
+
+    def get_next(self):
+        return next(self._items, None)
+
+    def rewind(self):  # pragma: no cover - some calibrators ask for it
+        pass
+
+
+def _ort_static(fp32_path, out_path, batches, example, activation, threads) -> QuantizedModel:
+    q = _ort_quantization()
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if activation not in ("auto", "u8", "s8"):
+        raise ValueError(f"quantize: activation must be 'auto', 'u8' or 's8', got {activation!r}")
+    pre_path = os.path.splitext(out_path)[0] + "-pre.onnx"
+    quant_pre_process(fp32_path, pre_path, skip_symbolic_shape=False)
+    names = runtime.OrtModule(pre_path).input_names
+    kinds = {"u8": q.QuantType.QUInt8, "s8": q.QuantType.QInt8}
+    chosen = ["u8", "s8"] if activation == "auto" else [activation]
+    candidates = {}
+    for kind in chosen:
+        target = out_path if len(chosen) == 1 else os.path.splitext(out_path)[0] + f"-{kind}s8.onnx"
+        q.quantize_static(pre_path, target, _Reader(names, batches), quant_format=q.QuantFormat.QDQ,
+                          per_channel=True, activation_type=kinds[kind], weight_type=q.QuantType.QInt8,
+                          calibrate_method=q.CalibrationMethod.MinMax)
+        candidates[kind] = target
+    timings = {}
+    if len(candidates) > 1:
+        timings = _time_interleaved({k: runtime.OrtModule(p, threads) for k, p in candidates.items()}, example)
+        best = min(timings, key=timings.get)
+        os.replace(candidates[best], out_path)
+    else:
+        best = chosen[0]
+    details = {"format": f"QDQ {best.upper()}S8, per-channel weights", "calibration_batches": len(batches)}
+    if timings:
+        details["measured_ms"] = {f"{k.upper()}S8": round(v * 1e3, 3) for k, v in timings.items()}
+    return QuantizedModel(runtime.OrtModule(out_path, threads), "onnx-static", out_path,
+                          runtime.file_bytes(out_path), details)
+
+
+def _time_interleaved(modules: dict, inputs, rounds: int = 7) -> dict:
+    """Median seconds per call of each module, the modules taking turns (noise hits all alike)."""
+    samples = {k: [] for k in modules}
+    with torch.no_grad():
+        for m in modules.values():
+            m(*inputs)  # warm-up
+        for _ in range(rounds):
+            for k, m in modules.items():
+                start = time.perf_counter()
+                m(*inputs)
+                samples[k].append(time.perf_counter() - start)
+    return {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
+
+
+# -- PT2E (torchao) --------------------------------------------------------------------------------
+
+def _require_torchao():
+    try:
+        from torchao.quantization.pt2e import quantize_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer
+    except ImportError as e:
+        raise ImportError("quantize(method='pt2e') needs torchao: pip install 'torchfast[deploy]'") from e
+    return quantize_pt2e, x86_inductor_quantizer
+
+
+class _FrozenCompiled(nn.Module):
+    """torch.compile of a converted PT2E graph with inductor's weight freezing on (needed for the
+    int8 lowering), applied at every call so that a new input shape recompiles the same way."""
+
+    def __init__(self, graph_module: nn.Module):
+        super().__init__()
+        self.graph_module = graph_module
+        self.compiled = torch.compile(graph_module)
+
+    def forward(self, *inputs):
+        import torch._inductor.config as inductor_config
+
+        with torch.no_grad(), inductor_config.patch(freezing=True):
+            return self.compiled(*inputs)
+
+
+def _tensor_bytes(module: nn.Module) -> int:
+    seen, total = set(), 0
+    tensors = list(module.state_dict(keep_vars=True).values())
+    tensors += [v for v in vars(module).values() if isinstance(v, torch.Tensor)]
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _pt2e(plain: nn.Module, example: tuple, batches: list) -> QuantizedModel:
+    quantize_pt2e, xiq = _require_torchao()
+    dims = tuple({0: torch.export.Dim("batch")} for _ in example) if example[0].size(0) > 1 else None
+    with torch.no_grad():
+        graph = torch.export.export(plain.eval(), example, dynamic_shapes=dims).module()
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    prepared = quantize_pt2e.prepare_pt2e(graph, quantizer)
+    with torch.no_grad():
+        for batch in batches:
+            prepared(*batch)
+    converted = quantize_pt2e.convert_pt2e(prepared)
+    module = _FrozenCompiled(converted)
+    module(*example)  # compile now, not at the caller's first timed call
+    return QuantizedModel(module, "pt2e", None, _tensor_bytes(converted),
+                          {"format": "X86InductorQuantizer default (static, per-channel int8 weights)",
+                           "calibration_batches": len(batches)})
