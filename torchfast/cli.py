@@ -164,6 +164,21 @@ def _train(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from torchfast.deploy.from_run import ExportError, export_run
+
+    if args.prune is not None and not 0.0 <= args.prune < 1.0:
+        print(f"torchfast export: error: --prune takes a fraction in [0, 1), got {args.prune}", file=sys.stderr)
+        return 2
+    try:
+        export_run(args.run, args.onnx, quantize_method=args.quantize, prune_amount=args.prune, opset=args.opset,
+                   exporter=args.exporter)
+    except ExportError as e:
+        print(f"torchfast export: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="torchfast", description="torchfast command-line tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -204,7 +219,18 @@ def main(argv=None) -> int:
     p_train.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p_train.add_argument("--nproc", type=int, default=1,
                          help="processes for DistributedDataParallel (launched through torch.distributed.run)")
+    p_export = sub.add_parser("export", help="deploy a `torchfast train` run: ONNX export, optional pruning and "
+                                             "int8 quantization, verified and measured")
+    p_export.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT")
+    p_export.add_argument("--onnx", required=True, metavar="OUT.onnx", help="where the fp32 ONNX model goes")
+    p_export.add_argument("--quantize", choices=["onnx-static", "pt2e", "dynamic"],
+                          help="also an int8 model (ONNX methods: written beside OUT.onnx)")
+    p_export.add_argument("--prune", type=float, metavar="AMOUNT", help="global L1 pruning of this fraction first")
+    p_export.add_argument("--opset", type=int, help="ONNX opset (default 18; 23 uses the Attention node)")
+    p_export.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo")
     args = parser.parse_args(argv)
+    if args.command == "export":
+        return _export(args)
     if args.command == "train":
         _check_train_args(p_train, args)
         return _train(args)

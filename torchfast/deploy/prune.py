@@ -50,7 +50,10 @@ def _targets(model: nn.Module, layers: tuple, method: str, exclude: Iterable[str
     skipped = {name: "excluded" for name in exclude}
     if method == "ln_structured" and exclude == set():
         # Removing output channels of the last layer would remove outputs (classes): keep it whole.
-        heads = [name for name, m in found if isinstance(m, nn.Linear)]
+        # The head: the last Linear registered outside attention modules (their out_proj is internal).
+        inside_attention = {f"{name}.{child}" for name, m in model.named_modules()
+                            if isinstance(m, nn.MultiheadAttention) for child, _ in m.named_modules() if child}
+        heads = [name for name, m in found if isinstance(m, nn.Linear) and name not in inside_attention]
         if heads:
             skipped[heads[-1]] = "the model's last Linear (its output channels are the model's outputs)"
             found = [(n, m) for n, m in found if n != heads[-1]]
@@ -83,13 +86,22 @@ def prune(model: nn.Module, amount: float, *, method: str = "l1_unstructured",
         for _, m in targets:
             torch_prune.ln_structured(m, "weight", amount=amount, n=n, dim=dim)
     if make_permanent:
-        for _, m in targets:
-            torch_prune.remove(m, "weight")
+        make_permanent_(model)
     report = {}
     for name, m in targets:
         w = m.weight
         report[name] = (int((w == 0).sum()), w.numel())
     return PruneReport(method=method, amount=amount, layers=report, skipped=skipped)
+
+
+def make_permanent_(model: nn.Module) -> nn.Module:
+    """Removes every torch.nn.utils.prune reparametrisation in `model` (after fine-tuning a model
+    pruned with make_permanent=False): the pruned weights become plain parameters again."""
+    for module in model.modules():
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, torch_prune.BasePruningMethod):
+                torch_prune.remove(module, hook._tensor_name)
+    return model
 
 
 def sparsity(model: nn.Module, layers: tuple = (nn.Conv2d, nn.Linear)) -> float:

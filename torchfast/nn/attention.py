@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchfast.nn.functional import additive_mask, scaled_dot_product_attention
+from torchfast.nn.layers import current_weight
 
 __all__ = ["MultiheadAttention"]
 
@@ -33,6 +34,9 @@ class MultiheadAttention(nn.MultiheadAttention):
         super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
                          add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first,
                          device=device, dtype=dtype)
+
+    # the attention itself: torchfast's flash kernels (a plain-PyTorch twin swaps in torch's)
+    _sdpa = staticmethod(scaled_dot_product_attention)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
@@ -139,7 +143,12 @@ class MultiheadAttention(nn.MultiheadAttention):
         if kpm is not None:
             kpm = kpm.view(N, 1, 1, kpm.size(-1))
             mask = kpm if mask is None else mask + kpm
-        out = scaled_dot_product_attention(q, k, v, attn_mask=mask,
+        out = self._sdpa(q, k, v, attn_mask=mask,
                                            dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal)
         out = out.permute(2, 0, 1, 3).reshape(L, N, E)
-        return F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        return self._output_projection(out)
+
+    def _output_projection(self, out: Tensor) -> Tensor:
+        # current_weight: out_proj's weight as its own forward would see it (torch.nn.utils.prune
+        # refreshes a pruned weight only when the module itself is called)
+        return F.linear(out, current_weight(self.out_proj), self.out_proj.bias)

@@ -87,6 +87,7 @@ def run(config: JobConfig, log=print) -> dict:
         "seconds": round(seconds, 3),
         "samples_per_s": round(sum(h["samples_per_s"] for h in history) / max(len(history), 1), 1),
         "model": "plain torch" if config.eager else "torchfast", "data": "synthetic" if config.synthetic else "digits",
+        "image_size": config.synthetic or 8,
         "amp": config.amp, "device": config.device, "processes": info.world_size,
         "out": os.path.abspath(config.out),
     }
