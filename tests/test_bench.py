@@ -45,3 +45,19 @@ def test_flash_memory_grows_linearly_and_eager_quadratically():
     # making the bound tighter than the linear growth it checks.
     assert flash[1] < 6 * max(flash[0], 4 << 20)
     assert eager[1] > 10 * eager[0] and eager[1] > 4 * flash[1]
+
+
+def test_deploy_report_measures_every_variant(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from torchfast import bench_deploy
+
+    report = bench_deploy.deploy_report(models=["complexnet"], methods=["dynamic"], batches=(1, 3), rounds=2,
+                                        log=lambda *_: None, workdir=str(tmp_path))
+    rows = report["complexnet"]
+    assert [r["variant"] for r in rows] == ["plain torch eager fp32", "torchfast eager fp32", "onnxruntime fp32",
+                                            "ORT dynamic int8"]
+    assert rows[0]["x@1"] == 1.0 and all(r["ms@1"] > 0 and r["ms@3"] > 0 for r in rows)
+    assert rows[3]["size_mb"] < rows[2]["size_mb"]  # int8 MatMul/Gemm weights
+    table = bench_deploy.format_report(report)
+    assert "| ORT dynamic int8 |" in table and "ComplexNetwork, 3x32x32" in table

@@ -87,6 +87,14 @@ def _bench(args) -> int:
         rows = report["attention_memory"] = ba.memory_report(device=device, lengths=mem_lengths)
         print(f"Attention peak extra memory, forward+backward, B=4, H=8, D=64, fp32, {device}.\n")
         print(ba.format_memory_table(rows) + "\n")
+    if "deploy" in args.suites:
+        from torchfast import bench_deploy
+
+        rounds = max(5, args.rounds // 2)
+        report["deploy"] = bench_deploy.deploy_report(models=args.deploy_models, rounds=rounds)
+        print(f"\nDeployment, CPU ({where}), torch {torch.__version__}, median of {rounds} interleaved rounds; "
+              "x = latency relative to the plain-torch network in eager fp32.\n")
+        print(bench_deploy.format_report(report["deploy"]) + "\n")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
@@ -191,8 +199,11 @@ def main(argv=None) -> int:
     p_bench.add_argument("--optimizers", nargs="+", default=["adam", "adamw", "sgd_momentum"],
                          choices=["adam", "adamw", "sgd_momentum"])
     p_bench.add_argument("--suites", nargs="+", default=["optim", "clip", "norm", "attention"],
-                         choices=["optim", "clip", "norm", "attention"],
-                         help="optimizer steps, gradient clipping, fused batch norm / ResidualBlock, attention")
+                         choices=["optim", "clip", "norm", "attention", "deploy"],
+                         help="optimizer steps, gradient clipping, fused batch norm / ResidualBlock, attention; "
+                              "deploy (ONNX and int8 inference, not in the default set: it trains and compiles)")
+    p_bench.add_argument("--deploy-models", nargs="+", default=["digits", "complexnet", "resblock256"],
+                         choices=["digits", "complexnet", "resblock256"])
     p_bench.add_argument("--attn-lengths", nargs="+", type=int,
                          help="attention sequence lengths (default: 512 2048 on the CPU, 1024 4096 16384 on CUDA)")
     p_bench.add_argument("--attn-memory-lengths", nargs="+", type=int,
