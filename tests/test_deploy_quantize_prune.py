@@ -134,7 +134,12 @@ def test_pruned_then_fine_tuned_model_keeps_accuracy_and_exports(digits, tmp_pat
     pruned = copy.deepcopy(model)
     deploy.prune(pruned, 0.5, make_permanent=False)  # masks stay while fine-tuning
     torch.manual_seed(1)
-    _train(pruned, train, epochs=1, lr=1e-3)
+    from torchfast.train import Trainer
+
+    opt = torchfast.optim.AdamW(pruned.parameters(), lr=1e-3, weight_decay=1e-2)
+    Trainer(pruned, opt, nn.CrossEntropyLoss(), train, val, max_grad_norm=1.0, log=lambda *_: None,
+            progress=False).fit(1)
+    pruned.eval()
     deploy.make_permanent_(pruned)
     assert deploy.sparsity(pruned) >= 0.5
     assert measure.accuracy(pruned, val) >= 0.97

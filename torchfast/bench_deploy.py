@@ -3,7 +3,8 @@ and 32, interleaved rounds, medians; size; accuracy where the model was trained)
 
 Models: the main job's network (ComplexNetwork trained on digits, 1x8x8), ComplexNetwork at 3x32x32,
 and a compute-heavy stack (two ResidualBlock(256) at 32x32). Variants: torch eager fp32 of the plain
-network (the baseline) and of torchfast's fused one, onnxruntime fp32 (torchfast.deploy.export_onnx), and each torchfast.deploy.quantize method.
+network (the baseline) and of torchfast's fused one, onnxruntime fp32 (torchfast.deploy.export_onnx),
+and each torchfast.deploy.quantize method.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from torch import nn
 import torchfast
 from torchfast.deploy import measure, runtime
 from torchfast.deploy.onnx_export import export_onnx
-from torchfast.deploy.quantize import METHODS, quantize
+from torchfast.deploy.quantization import METHODS, quantize
 
 MODELS = ("digits", "complexnet", "resblock256")
 

@@ -8,8 +8,8 @@ from torchfast.deploy.onnx_common import TranslationError
 from torchfast.deploy.onnx_dynamo import translation_table
 from torchfast.deploy.onnx_export import ExportReport, export_onnx, verify_onnx
 from torchfast.deploy.plain import to_plain
-from torchfast.deploy.prune import PruneReport, make_permanent_, prune, sparsity
-from torchfast.deploy.quantize import QuantizedModel, quantize
+from torchfast.deploy.pruning import PruneReport, make_permanent_, prune, sparsity
+from torchfast.deploy.quantization import QuantizedModel, quantize
 from torchfast.deploy.runtime import OrtModule
 from torchfast.ops._registry import onnx_translations_active as keep_torchfast_ops
 

@@ -13,9 +13,9 @@ import torch
 import torchfast
 from torchfast.deploy import measure, runtime
 from torchfast.deploy.onnx_export import export_onnx
-from torchfast.deploy.prune import prune
-from torchfast.deploy.quantize import METHODS as QUANTIZE_METHODS
-from torchfast.deploy.quantize import quantize
+from torchfast.deploy.pruning import prune
+from torchfast.deploy.quantization import METHODS as QUANTIZE_METHODS
+from torchfast.deploy.quantization import quantize
 from torchfast.train import data
 from torchfast.train.checkpoint import load_checkpoint
 

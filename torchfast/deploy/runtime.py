@@ -81,7 +81,7 @@ def batch_like(inputs: Sequence[Tensor], batch: int, seed: int = 0) -> tuple:
         rows = t.detach()[idx]
         if rows.is_floating_point():
             scale = rows.float().std().nan_to_num(1.0).clamp_min(1e-3) * 0.1
-            rows = rows + (torch.randn(rows.shape, generator=g) * scale).to(rows.dtype)
+            rows = rows + (torch.randn(rows.shape, generator=g) * scale.cpu()).to(rows.device, rows.dtype)
         out.append(rows)
     return tuple(out)
 

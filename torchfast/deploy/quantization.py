@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
@@ -46,9 +47,9 @@ class QuantizedModel:
 
 def _first_tensor(batch):
     if isinstance(batch, torch.Tensor):
-        return (batch,)
+        return (batch.cpu(),)
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return (batch[0],)  # (inputs, targets) as a DataLoader over a labelled data set yields
+        return (batch[0].cpu(),)  # (inputs, targets) as a DataLoader over a labelled data set yields
     raise TypeError(f"quantize: calibration batches must be tensors or (inputs, targets) pairs, got "
                     f"{type(batch).__name__}")
 
@@ -83,10 +84,10 @@ def quantize(model: nn.Module, example_inputs, *, method: str = "onnx-static", c
     was_training = model.training
     model.eval()
     try:
-        plain = to_plain(model, fold_bn=True)
+        plain = to_plain(model, fold_bn=True).cpu()  # int8 inference here is the CPU's
     finally:
         model.train(was_training)
-    example = runtime.as_tuple(example_inputs)
+    example = tuple(t.cpu() for t in runtime.as_tuple(example_inputs))
     if method == "pt2e":
         return _pt2e(plain, example, calibration_batches(calibration, example, calibration_limit))
     workdir = os.path.dirname(os.path.abspath(path)) if path else tempfile.mkdtemp(prefix="torchfast-quant-")
@@ -219,7 +220,9 @@ class _FrozenCompiled(nn.Module):
     def forward(self, *inputs):
         import torch._inductor.config as inductor_config
 
-        with torch.no_grad(), inductor_config.patch(freezing=True):
+        with torch.no_grad(), inductor_config.patch(freezing=True), warnings.catch_warnings():
+            # inductor's int8 lowering copies a tensor the way torch itself warns about
+            warnings.filterwarnings("ignore", message="To copy construct from a tensor")
             return self.compiled(*inputs)
 
 
