@@ -63,10 +63,9 @@ def test_mistakes_are_reported(emu, schedule, name):
         assert "in kernel `" in str(info.value) and "block (0, 0, 0)" in str(info.value)
 
 
-def test_warp_running_ahead_shows_a_missing_syncthreads():
+def test_warp_running_ahead_shows_a_missing_syncthreads(emu):
     """A race between warps that a warp collective hides from the lockstep orders: the warp-serial
     schedules let one warp run ahead to its next __syncthreads and catch it."""
-    from torchfast.testing import cuda_emulator as emu
     t = torch.arange(64)
     expected = (2 * (((t ^ 1) + 32) % 64) + 100).float()
     for order in ("ascending", "descending", "random", "warps-ascending", "warps-descending"):
