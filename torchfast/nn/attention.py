@@ -13,6 +13,15 @@ from torchfast.nn.layers import current_weight
 __all__ = ["MultiheadAttention"]
 
 
+def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """F.linear of an (L, N, E) input; one that is the transposed view of a contiguous (N, L, E)
+    tensor (batch_first callers, a feature map read as a sequence) is projected in that layout and
+    returned as a view, instead of being copied into the GEMM's row-major layout and back."""
+    if x.dim() == 3 and not x.is_contiguous() and x.transpose(0, 1).is_contiguous():
+        return F.linear(x.transpose(0, 1), weight, bias).transpose(0, 1)
+    return F.linear(x, weight, bias)
+
+
 class MultiheadAttention(nn.MultiheadAttention):
     """A drop-in for torch.nn.MultiheadAttention: same constructor, parameters (in_proj_weight,
     in_proj_bias, q/k/v_proj_weight when kdim/vdim differ, bias_k/bias_v, out_proj), state_dict,
@@ -89,13 +98,13 @@ class MultiheadAttention(nn.MultiheadAttention):
         b = self.in_proj_bias
         bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
         if not self._qkv_same_embed_dim:
-            return (F.linear(query, self.q_proj_weight, bq), F.linear(key, self.k_proj_weight, bk),
-                    F.linear(value, self.v_proj_weight, bv))
+            return (_linear(query, self.q_proj_weight, bq), _linear(key, self.k_proj_weight, bk),
+                    _linear(value, self.v_proj_weight, bv))
         w = self.in_proj_weight
         if query is key and key is value:  # self-attention: one GEMM for q, k and v
-            return F.linear(query, w, b).chunk(3, dim=-1)
+            return _linear(query, w, b).chunk(3, dim=-1)
         wq, wk, wv = w.split(E)
-        return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+        return _linear(query, wq, bq), _linear(key, wk, bk), _linear(value, wv, bv)
 
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],
                 attn_mask: Optional[Tensor], is_causal: bool) -> Tensor:
@@ -145,8 +154,10 @@ class MultiheadAttention(nn.MultiheadAttention):
             mask = kpm if mask is None else mask + kpm
         out = self._sdpa(q, k, v, attn_mask=mask,
                                            dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal)
-        out = out.permute(2, 0, 1, 3).reshape(L, N, E)
-        return self._output_projection(out)
+        # (N, H, L, hd) -> (N, L, E): one copy; projected there and returned as an (L, N, E) view, so
+        # that a caller that reads the result batch-first (or as a channels_last map) copies nothing
+        out = out.transpose(1, 2).reshape(N, L, E)
+        return self._output_projection(out).transpose(0, 1)
 
     def _output_projection(self, out: Tensor) -> Tensor:
         # current_weight: out_proj's weight as its own forward would see it (torch.nn.utils.prune

@@ -173,7 +173,8 @@ def _versions(tensors) -> tuple:
 
 def _fold_for_layout(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm, channels_last: bool):
     weight, bias = fold_conv_bn(conv, bn)
-    return (weight.contiguous(memory_format=torch.channels_last) if channels_last else weight), bias
+    # in the input's layout whatever the conv weight's own (the output follows the input's layout)
+    return weight.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format), bias
 
 
 class FoldedConvBN:

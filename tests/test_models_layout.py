@@ -1,0 +1,143 @@
+"""Whole-model plan of torchfast.models.ComplexNetwork: channels_last from stem to head on the CPU,
+conv -> ReLU (-> pool) fused, the attention reading the feature map through views. A drop-in: the
+plain network's outputs, gradients, running statistics and state_dict, under torch.compile and
+autocast too."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchfast
+from torchfast.nn import fusion
+from torchfast.reference import modules as plain
+
+
+def _pair(in_channels=3, seed=0):
+    torch.manual_seed(seed)
+    fast = torchfast.models.ComplexNetwork(10, in_channels)
+    base = plain.ComplexNetwork(10, in_channels)
+    base.load_state_dict(fast.state_dict())
+    for m in (fast, base):
+        m.classifier[3].p = 0.0  # no dropout: the two must agree exactly
+    return fast, base
+
+
+def _close(a, b, rtol=1e-5, atol=1e-5, msg=""):
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=msg)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_same_outputs_gradients_and_statistics_as_the_plain_network(mode, layout):
+    fast, base = _pair()
+    fast.train(mode == "train"), base.train(mode == "train")
+    x = torch.randn(6, 3, 20, 24)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    for _ in range(2):  # twice: running statistics move in training, caches are reused in eval
+        out_f, out_b = fast(x), base(x)
+        _close(out_f, out_b)
+        (out_f.square().sum()).backward()
+        out_b.square().sum().backward()
+    for (name, p), q in zip(fast.named_parameters(), base.parameters()):
+        _close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+    for (name, b1), b2 in zip(fast.named_buffers(), base.buffers()):
+        _close(b1, b2, msg=name)
+    with torch.no_grad():
+        _close(fast(x), base(x))
+
+
+def test_state_dict_is_the_plain_networks():
+    fast, base = _pair()
+    sd_f, sd_b = fast.state_dict(), base.state_dict()
+    assert list(sd_f) == list(sd_b)
+    for k in sd_f:
+        assert torch.equal(sd_f[k], sd_b[k]), k
+    again = torchfast.models.ComplexNetwork(10, 3)
+    again.load_state_dict(sd_b)
+    plain.ComplexNetwork(10, 3).load_state_dict(sd_f)
+
+
+def test_convolution_weights_follow_the_device_layout():
+    fast = torchfast.models.ComplexNetwork(10, 3)
+    convs = [m for m in fast.modules() if isinstance(m, nn.Conv2d)]
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    fast.double()  # another dtype: still the CPU's layout
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+
+
+def test_no_layout_conversion_between_layers():
+    """Inference: the input is converted once; the feature maps are never copied between layers."""
+    fast, _ = _pair()
+    fast.eval()
+    x = torch.randn(32, 3, 32, 32)
+    with torch.no_grad():
+        fast(x)
+        with torch.profiler.profile(record_shapes=True) as prof:
+            fast(x)
+    maps = {(32, 64, 32, 32), (32, 64, 16, 16), (32, 128, 16, 16), (32, 128, 8, 8), (32, 3, 32, 32)}
+    copies = [tuple(e.input_shapes[0]) for e in prof.events() if e.name == "aten::copy_" and e.input_shapes]
+    feature_map_copies = [s for s in copies if s in maps]
+    assert feature_map_copies == [(32, 3, 32, 32)], copies  # the input, once
+
+
+def test_compiled_and_autocast_match_the_plain_network():
+    fast, base = _pair()
+    x = torch.randn(4, 3, 16, 16)
+    fast.eval(), base.eval()
+    with torch.no_grad():
+        _close(torch.compile(fast)(x), base(x), rtol=1e-4, atol=1e-4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, want = fast(x), base(x)
+        assert got.dtype == want.dtype
+        _close(got.float(), want.float(), rtol=5e-2, atol=5e-2)
+    fast.train(), base.train()
+    out = torch.compile(fast)(x)
+    out.sum().backward()
+    base(x).sum().backward()
+    _close(fast.features[0].weight.grad, base.features[0].weight.grad, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_pool_then_relu_is_relu_then_pool_gradients_included(dtype):
+    """The order the non-oneDNN path takes (pool first, the ReLU on a quarter of the elements) is
+    exact, ties and all-negative windows included. fp64 and small fp32 inputs take that path."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, 3, padding=1).to(dtype)
+    pool = nn.MaxPool2d(2)
+    with torch.no_grad():
+        conv.weight[0] = 0  # channel 0: a constant output (ties in every window)
+        conv.bias[1] = -50  # channel 1: every window <= 0
+    x = torch.randn(2, 3, 6, 7, dtype=dtype, requires_grad=True)
+    ours = fusion.conv_relu_pool(conv, pool, x)
+    ref = pool(F.relu(conv(x)))
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    g = torch.randn_like(ref)
+    params = [x, conv.weight, conv.bias]
+    for a, b in zip(torch.autograd.grad(ours, params, g), torch.autograd.grad(ref, params, g)):
+        torch.testing.assert_close(a, b)
+
+
+def test_fused_conv_relu_matches_torch_forward_and_backward():
+    """The oneDNN post-op path (CPU fp32, large enough) and its backward against conv + ReLU."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(4, 8, 24, 24).contiguous(memory_format=layout).requires_grad_()
+        ours = fusion.conv2d_relu(conv, x, fusion._WeightInLayout())
+        ref = F.relu(conv(x))
+        _close(ours, ref)
+        g = torch.randn_like(ref)
+        got = torch.autograd.grad(ours, [x, conv.weight, conv.bias], g)
+        want = torch.autograd.grad(ref, [x, conv.weight, conv.bias], g)
+        for a, b in zip(got, want):
+            _close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_hooks_take_the_plain_forward():
+    fast, base = _pair()
+    seen = []
+    fast.features[1].register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    x = torch.randn(2, 3, 8, 8)
+    _close(fast(x), base(x))
+    assert seen == [(2, 64, 8, 8)]  # the ReLU module ran (not fused away)

@@ -1,0 +1,153 @@
+"""Whole-model benchmark: the cheat sheet's ComplexNetwork in plain torch vs torchfast's, end to end
+(inference, and a train step with AdamW), interleaved rounds, medians; the profile's top ops of each
+torchfast measurement beside the table (layout copies and unfused ops show there first); and the
+main job, `torchfast train` vs `torchfast train --eager`, as wall time of whole runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+import torchfast
+from torchfast.reference import modules as plain
+
+
+def _median_interleaved(fns: dict, rounds: int, warmup: int = 2) -> dict:
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[k].append(time.perf_counter() - start)
+    return {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
+
+
+def profile_summary(fn: Callable, steps: int = 3, top: int = 8) -> list:
+    """[(op, share of self CPU time, calls per step)] of the top ops while `fn` runs `steps` times."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    events.sort(key=lambda e: -e.self_cpu_time_total)
+    return [(e.key, e.self_cpu_time_total / total, e.count / steps) for e in events[:top]]
+
+
+def share_of(summary_fn: Callable, op: str, steps: int = 3) -> float:
+    """Share of self CPU time that `op` takes while summary_fn runs (all ops considered)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    summary_fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            summary_fn()
+    events = list(prof.key_averages())
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    return sum(e.self_cpu_time_total for e in events if e.key == op) / total
+
+
+def _pair(num_classes=10, in_channels=3, seed=0):
+    torch.manual_seed(seed)
+    fast = torchfast.models.ComplexNetwork(num_classes, in_channels)
+    base = plain.ComplexNetwork(num_classes, in_channels)
+    base.load_state_dict(fast.state_dict())
+    return base, fast
+
+
+def inference_report(batch: int = 32, size: int = 32, rounds: int = 20, with_onnx: bool = True) -> tuple:
+    """(rows, profile of torchfast's inference) for eval() + no_grad."""
+    base, fast = _pair()
+    base.eval(), fast.eval()
+    x = torch.randn(batch, 3, size, size)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    fns = {"plain eager": lambda: base(x), "plain eager, channels_last input": lambda: base(x_cl),
+           "torchfast": lambda: fast(x)}
+    if with_onnx:
+        try:
+            from torchfast.deploy import OrtModule, export_onnx
+
+            path = os.path.join(tempfile.mkdtemp(prefix="torchfast-bench-models-"), "complexnet.onnx")
+            ort = OrtModule(export_onnx(fast, x[:2], path).path)
+            fns["onnxruntime fp32 (torchfast.deploy)"] = lambda: ort(x)
+        except ImportError:
+            pass
+    with torch.no_grad():
+        t = _median_interleaved(fns, rounds)
+        prof = profile_summary(lambda: fast(x))
+    base_t = t["plain eager"]
+    rows = [{"bench": f"inference, batch {batch}, 3x{size}x{size}", "impl": k, "median_ms": v * 1e3,
+             "vs_plain": v / base_t} for k, v in t.items()]
+    return rows, prof
+
+
+def train_report(batch: int = 32, size: int = 32, rounds: int = 15, amp: bool = False) -> tuple:
+    """(rows, profile of torchfast's step, its aten::copy_ share): forward + backward + AdamW."""
+    base, fast = _pair()
+    for m in (base, fast):
+        m.train()
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 10, (batch,))
+    opt_base = torch.optim.AdamW(base.parameters(), lr=1e-3, fused=True)
+    opt_fast = torchfast.optim.AdamW(fast.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step(model, opt):
+        def run():
+            opt.zero_grad(set_to_none=True)
+            ctx = torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+            with ctx:
+                loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+        return run
+
+    fns = {"plain eager + AdamW(fused=True)": step(base, opt_base), "torchfast + torchfast AdamW": step(fast, opt_fast)}
+    t = _median_interleaved(fns, rounds)
+    base_t = t["plain eager + AdamW(fused=True)"]
+    label = f"train step, batch {batch}, 3x{size}x{size}" + (", bf16 autocast" if amp else "")
+    rows = [{"bench": label, "impl": k, "median_ms": v * 1e3, "vs_plain": v / base_t} for k, v in t.items()]
+    prof = profile_summary(fns["torchfast + torchfast AdamW"])
+    copy_share = share_of(fns["torchfast + torchfast AdamW"], "aten::copy_")
+    return rows, prof, copy_share
+
+
+def job_report(runs: int = 3, epochs: int = 12) -> list:
+    """Wall time of whole `torchfast train` runs vs `torchfast train --eager`, interleaved (each in a
+    fresh process, as a user runs them)."""
+    times = {"torchfast train": [], "torchfast train --eager": []}
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(torchfast.__file__)))}
+    with tempfile.TemporaryDirectory(prefix="torchfast-bench-job-") as out:
+        for r in range(runs):
+            for label, extra in (("torchfast train", []), ("torchfast train --eager", ["--eager"])):
+                start = time.perf_counter()
+                subprocess.run([sys.executable, "-m", "torchfast", "train", "--out", f"{out}/{r}{len(extra)}",
+                                "--epochs", str(epochs), *extra], check=True, capture_output=True, env=env)
+                times[label].append(time.perf_counter() - start)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    base = med["torchfast train --eager"]
+    return [{"bench": f"main job ({epochs} epochs, digits), wall s", "impl": k, "median_ms": v * 1e3,
+             "vs_plain": v / base, "runs_s": [round(s, 2) for s in times[k]]} for k, v in med.items()]
+
+
+def format_rows(rows: list) -> str:
+    lines = ["| benchmark | implementation | median ms | vs plain |", "|---|---|---:|---:|"]
+    lines += [f"| {r['bench']} | {r['impl']} | {r['median_ms']:.2f} | {r['vs_plain']:.2f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def format_profile(title: str, prof: list) -> str:
+    return f"{title}: " + ", ".join(f"{op} {100 * share:.0f}% ({calls:g}/step)" for op, share, calls in prof)

@@ -1,0 +1,114 @@
+"""Convolution + ReLU as one oneDNN call, in inference and in training, for any nn.Conv2d followed
+by a ReLU (the stem and the transitions of a network, not only inside ResidualBlock).
+
+Forward: `mkldnn._convolution_pointwise` with a ReLU post-op (the ReLU runs while the output tile is
+in cache; no separate pass, no extra activation tensor). Backward (training): the ReLU's mask is
+read off the output (out > 0, as for torch's ReLU), then torch's own convolution backward. Where the
+oneDNN op does not apply (not CPU fp32, small inputs, traced, string padding, hooks, autocast) the
+plain conv + ReLU run instead.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from torchfast.nn import _onednn
+from torchfast.nn.layers import current_weight
+
+
+class _WeightInLayout:
+    """conv.weight in the channels_last layout (what oneDNN wants beside a channels_last input),
+    rebuilt when the weight changes (version counter, storage)."""
+
+    def __init__(self):
+        self.key, self.weight = None, None
+
+    def get(self, weight: Tensor) -> Tensor:
+        if weight.is_contiguous(memory_format=torch.channels_last):
+            return weight
+        try:
+            key = (id(weight), weight._version, weight.data_ptr())
+        except RuntimeError:  # inference tensors have no version counter
+            return weight.contiguous(memory_format=torch.channels_last)
+        if key != self.key:
+            self.key, self.weight = key, weight.detach().contiguous(memory_format=torch.channels_last)
+        return self.weight
+
+
+class _ConvReLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, weight_in_layout):
+        out = _onednn.conv2d_relu(x, weight_in_layout, bias, stride, padding, dilation, groups, True)
+        ctx.save_for_backward(x, weight, out)
+        ctx.conf = (stride, padding, dilation, groups, bias is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, out = ctx.saved_tensors
+        stride, padding, dilation, groups, has_bias = ctx.conf
+        memory_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and \
+            not x.is_contiguous() else torch.contiguous_format
+        grad = torch.ops.aten.threshold_backward(grad_out.contiguous(memory_format=memory_format), out, 0)
+        need = ctx.needs_input_grad
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad, x, weight, [weight.size(0)] if has_bias else None, list(stride), list(padding), list(dilation),
+            False, [0, 0], groups, [need[0], need[1], has_bias and need[2]])
+        return gx, gw, gb, None, None, None, None, None
+
+
+def conv2d_relu(conv: nn.Conv2d, x: Tensor, cache: Optional[_WeightInLayout] = None) -> Tensor:
+    """relu(conv(x)) for an nn.Conv2d, fused where oneDNN's post-op convolution applies."""
+    weight = current_weight(conv)  # (a pruned weight as the module's own forward would see it)
+    if conv.padding_mode != "zeros" or not _onednn.usable(x, weight, conv.padding) or \
+            torch.is_autocast_enabled("cpu"):
+        return F.relu(conv(x))
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    in_layout = (cache.get(weight) if cache is not None else weight.contiguous(memory_format=torch.channels_last)) \
+        if channels_last else weight
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
+                                    (conv.bias is not None and conv.bias.requires_grad)):
+        return _ConvReLUFunction.apply(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
+                                       in_layout)
+    return _onednn.conv2d_relu(x, in_layout, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups, True)
+
+
+def conv_relu_pool(conv: nn.Conv2d, pool: Optional[nn.MaxPool2d], x: Tensor,
+                   cache: Optional[_WeightInLayout] = None) -> Tensor:
+    """pool?(relu(conv(x))) with the ReLU fused: into the convolution as a oneDNN post-op where that
+    applies (CPU fp32), else after the pool, on a quarter of the elements (exact: max pooling
+    commutes with ReLU, gradients included: the window's maximum is the same element either way, and
+    a window whose maximum is <= 0 passes no gradient in both orders)."""
+    if conv.padding_mode == "zeros" and _onednn.usable(x, conv.weight, conv.padding) and \
+            not torch.is_autocast_enabled("cpu"):
+        out = conv2d_relu(conv, x, cache)
+        return pool(out) if pool is not None else out
+    out = conv(x)
+    if pool is None:
+        return F.relu(out)
+    return F.relu(pool(out), inplace=True)  # the pool's output is fresh (its backward keeps only indices)
+
+
+def _is(m, cls) -> bool:
+    return type(m) is cls
+
+
+def run_fused(seq: nn.Sequential, x: Tensor, caches: dict) -> Tensor:
+    """seq(x), each Conv2d -> ReLU (-> MaxPool2d) run of children as one conv_relu_pool. `caches`
+    holds the channels_last weights per convolution (by child index)."""
+    mods = list(seq)
+    i = 0
+    while i < len(mods):
+        m = mods[i]
+        if _is(m, nn.Conv2d) and i + 1 < len(mods) and _is(mods[i + 1], nn.ReLU):
+            pool = mods[i + 2] if i + 2 < len(mods) and _is(mods[i + 2], nn.MaxPool2d) and \
+                not mods[i + 2].return_indices else None
+            x = conv_relu_pool(m, pool, x, caches.setdefault(i, _WeightInLayout()))
+            i += 3 if pool is not None else 2
+        else:
+            x = m(x)
+            i += 1
+    return x
