@@ -61,3 +61,15 @@ def test_deploy_report_measures_every_variant(tmp_path):
     assert rows[3]["size_mb"] < rows[2]["size_mb"]  # int8 MatMul/Gemm weights
     table = bench_deploy.format_report(report)
     assert "| ORT dynamic int8 |" in table and "ComplexNetwork, 3x32x32" in table
+
+
+def test_models_report_rows_and_profiles():
+    from torchfast import bench_models as bm
+
+    rows, prof = bm.inference_report(batch=2, size=16, rounds=1, with_onnx=False)
+    assert [r["impl"] for r in rows] == ["plain eager", "plain eager, channels_last input", "torchfast"]
+    assert rows[0]["vs_plain"] == 1.0 and all(r["median_ms"] > 0 for r in rows)
+    assert prof and all(0 < share <= 1 for _, share, _ in prof)
+    rows, prof, copy_share = bm.train_report(batch=2, size=16, rounds=1)
+    assert rows[1]["impl"] == "torchfast + torchfast AdamW" and 0 <= copy_share < 1
+    assert "%" in bm.format_profile("x", prof) and "| train step" in bm.format_rows(rows)

@@ -87,6 +87,24 @@ def _bench(args) -> int:
         rows = report["attention_memory"] = ba.memory_report(device=device, lengths=mem_lengths)
         print(f"Attention peak extra memory, forward+backward, B=4, H=8, D=64, fp32, {device}.\n")
         print(ba.format_memory_table(rows) + "\n")
+    if "models" in args.suites:
+        from torchfast import bench_models as bm
+
+        rounds = max(5, args.rounds // 2)
+        rows, infer_prof = bm.inference_report(rounds=rounds)
+        train_rows, train_prof, copy_share = bm.train_report(rounds=rounds)
+        amp_rows, amp_prof, _ = bm.train_report(rounds=rounds, amp=True)
+        rows += train_rows + amp_rows
+        if args.job_runs:
+            rows += bm.job_report(runs=args.job_runs)
+        report["models"] = rows
+        print(f"\nWhole model: the cheat sheet's ComplexNetwork, plain torch vs torchfast, CPU ({where}), torch "
+              f"{torch.__version__}, median of {rounds} interleaved rounds.\n")
+        print(bm.format_rows(rows) + "\n")
+        print(bm.format_profile("torchfast inference, top ops (self CPU)", infer_prof))
+        print(bm.format_profile("torchfast train step, top ops (self CPU)", train_prof))
+        print(bm.format_profile("torchfast train step under bf16 autocast, top ops", amp_prof))
+        print(f"aten::copy_ in the torchfast train step: {100 * copy_share:.1f}% of self CPU time\n")
     if "deploy" in args.suites:
         from torchfast import bench_deploy
 
@@ -199,9 +217,12 @@ def main(argv=None) -> int:
     p_bench.add_argument("--optimizers", nargs="+", default=["adam", "adamw", "sgd_momentum"],
                          choices=["adam", "adamw", "sgd_momentum"])
     p_bench.add_argument("--suites", nargs="+", default=["optim", "clip", "norm", "attention"],
-                         choices=["optim", "clip", "norm", "attention", "deploy"],
+                         choices=["optim", "clip", "norm", "attention", "models", "deploy"],
                          help="optimizer steps, gradient clipping, fused batch norm / ResidualBlock, attention; "
-                              "deploy (ONNX and int8 inference, not in the default set: it trains and compiles)")
+                              "models (whole ComplexNetwork, inference and train step, with profiles); deploy "
+                              "(ONNX and int8 inference, not in the default set: it trains and compiles)")
+    p_bench.add_argument("--job-runs", type=int, default=0, metavar="N",
+                         help="with --suites models: also time N runs each of `torchfast train` and `--eager`")
     p_bench.add_argument("--deploy-models", nargs="+", default=["digits", "complexnet", "resblock256"],
                          choices=["digits", "complexnet", "resblock256"])
     p_bench.add_argument("--attn-lengths", nargs="+", type=int,

@@ -65,9 +65,10 @@ class ComplexNetwork(plain.ComplexNetwork):
         if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type) or \
                 plain_path_needed(self.features, [], x):
             return super().forward(x)
-        if channels_last_pays(x):
-            x = x.contiguous(memory_format=torch.channels_last)
-        x = fusion.run_fused(self.features, x, self._weights_in_layout)
+        layout = torch.channels_last if channels_last_pays(x) else None
+        if layout is not None:
+            x = x.contiguous(memory_format=layout)
+        x = fusion.run_fused(self.features, x, self._weights_in_layout, layout)
         b, c, h, w = x.shape
         x_attn = x.reshape(b, c, h * w).permute(2, 0, 1)  # (h*w, b, c): a view of a channels_last map
         attn_out = self._attend(x_attn)

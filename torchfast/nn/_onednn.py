@@ -33,9 +33,10 @@ MIN_NUMEL = 16384
 
 def usable(x: Tensor, weight: Tensor, padding) -> bool:
     # Not under torch.compile/export either: the op has no fake-tensor implementation to trace.
-    return (AVAILABLE and x.device.type == "cpu" and x.dim() == 4 and x.numel() >= MIN_NUMEL
-            and x.dtype == torch.float32 and weight.dtype == torch.float32 and not isinstance(padding, str)
-            and not torch.compiler.is_compiling() and not exporting())
+    # Tracing is checked first: a size test on a traced input would put a guard on its (dynamic) batch.
+    return (AVAILABLE and not torch.compiler.is_compiling() and not exporting() and x.device.type == "cpu"
+            and x.dim() == 4 and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not isinstance(padding, str) and x.numel() >= MIN_NUMEL)
 
 
 def conv2d_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from torchfast.nn import _onednn
 from torchfast.nn.layers import current_weight
+from torchfast.ops._registry import exporting
 
 
 class _WeightInLayout:
@@ -89,6 +90,8 @@ def conv_relu_pool(conv: nn.Conv2d, pool: Optional[nn.MaxPool2d], x: Tensor,
     out = conv(x)
     if pool is None:
         return F.relu(out)
+    if exporting():  # the canonical conv -> ReLU -> pool, which exporters and quantizers pattern-match
+        return pool(F.relu(out))
     return F.relu(pool(out), inplace=True)  # the pool's output is fresh (its backward keeps only indices)
 
 
@@ -96,9 +99,11 @@ def _is(m, cls) -> bool:
     return type(m) is cls
 
 
-def run_fused(seq: nn.Sequential, x: Tensor, caches: dict) -> Tensor:
+def run_fused(seq: nn.Sequential, x: Tensor, caches: dict, memory_format: Optional[torch.memory_format] = None) -> Tensor:
     """seq(x), each Conv2d -> ReLU (-> MaxPool2d) run of children as one conv_relu_pool. `caches`
-    holds the channels_last weights per convolution (by child index)."""
+    holds the channels_last weights per convolution (by child index). With `memory_format`, each
+    fused run's output is kept in it: a convolution whose input has one channel cannot tell the
+    layouts apart and answers in NCHW; its (pooled) output is converted once, there."""
     mods = list(seq)
     i = 0
     while i < len(mods):
@@ -107,6 +112,8 @@ def run_fused(seq: nn.Sequential, x: Tensor, caches: dict) -> Tensor:
             pool = mods[i + 2] if i + 2 < len(mods) and _is(mods[i + 2], nn.MaxPool2d) and \
                 not mods[i + 2].return_indices else None
             x = conv_relu_pool(m, pool, x, caches.setdefault(i, _WeightInLayout()))
+            if memory_format is not None:
+                x = x.contiguous(memory_format=memory_format)
             i += 3 if pool is not None else 2
         else:
             x = m(x)
