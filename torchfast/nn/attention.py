@@ -106,6 +106,24 @@ class MultiheadAttention(nn.MultiheadAttention):
         wq, wk, wv = w.split(E)
         return _linear(query, wq, bq), _linear(key, wk, bk), _linear(value, wv, bv)
 
+    def _packed_self_attention_heads(self, query: Tensor, key: Tensor, value: Tensor):
+        """q, k, v as (N, H, L, hd) views of one packed projection, for self-attention with the packed
+        in_proj and no bias_k/bias_v/zero-attention (the common case), else None. The projection runs
+        in whichever of the (L, N) / (N, L) orders the input is stored in, and the heads are taken with
+        unbind: in the backward the three head gradients are stacked straight into the projection's
+        layout (one pass), where chunk + reshape would copy them three times and once more for the GEMM."""
+        if not (query is key and key is value and self._qkv_same_embed_dim and self.bias_k is None
+                and not self.add_zero_attn and type(self)._project is MultiheadAttention._project):
+            return None
+        L, N, E = query.shape
+        H = self.num_heads
+        seq_major = query.is_contiguous() or not query.transpose(0, 1).is_contiguous()
+        rows = query if seq_major else query.transpose(0, 1)  # (L, N, E) or (N, L, E), as stored
+        y = F.linear(rows, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = y.view(*y.shape[:2], 3, H, E // H).unbind(2)
+        order = (1, 2, 0, 3) if seq_major else (0, 2, 1, 3)
+        return q.permute(*order), k.permute(*order), v.permute(*order)
+
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],
                 attn_mask: Optional[Tensor], is_causal: bool) -> Tensor:
         """Attention over (L, N, E) inputs, returning (L, N, E)."""
@@ -133,17 +151,20 @@ class MultiheadAttention(nn.MultiheadAttention):
             else:
                 raise ValueError(f"MultiheadAttention: attn_mask must have shape (L, S) = {(L, S)} or "
                                  f"(batch * num_heads, L, S) = {(N * H, L, S)}, got {tuple(attn_mask.shape)}")
-        q, k, v = self._project(query, key, value)
-        if self.bias_k is not None and self.bias_v is not None:
-            k = torch.cat([k, self.bias_k.expand(1, N, E)])
-            v = torch.cat([v, self.bias_v.expand(1, N, E)])
-            mask = None if mask is None else F.pad(mask, (0, 1))
-            kpm = None if kpm is None else F.pad(kpm, (0, 1))
-
         def heads(t: Tensor) -> Tensor:  # (len, N, E) -> (N, H, len, hd), a view
             return t.view(t.size(0), N, H, hd).permute(1, 2, 0, 3)
 
-        q, k, v = heads(q), heads(k), heads(v)
+        packed = self._packed_self_attention_heads(query, key, value)
+        if packed is not None:
+            q, k, v = packed
+        else:
+            q, k, v = self._project(query, key, value)
+            if self.bias_k is not None and self.bias_v is not None:
+                k = torch.cat([k, self.bias_k.expand(1, N, E)])
+                v = torch.cat([v, self.bias_v.expand(1, N, E)])
+                mask = None if mask is None else F.pad(mask, (0, 1))
+                kpm = None if kpm is None else F.pad(kpm, (0, 1))
+            q, k, v = heads(q), heads(k), heads(v)
         if self.add_zero_attn:
             zeros = k.new_zeros(N, H, 1, hd)
             k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros], dim=2)
@@ -152,8 +173,8 @@ class MultiheadAttention(nn.MultiheadAttention):
         if kpm is not None:
             kpm = kpm.view(N, 1, 1, kpm.size(-1))
             mask = kpm if mask is None else mask + kpm
-        out = self._sdpa(q, k, v, attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal)
+        out = self._sdpa(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                         is_causal=is_causal)
         # (N, H, L, hd) -> (N, L, E): one copy; projected there and returned as an (L, N, E) view, so
         # that a caller that reads the result batch-first (or as a channels_last map) copies nothing
         out = out.transpose(1, 2).reshape(N, L, E)
