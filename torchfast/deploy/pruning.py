@@ -79,6 +79,12 @@ def prune(model: nn.Module, amount: float, *, method: str = "l1_unstructured",
     targets, skipped = _targets(model, tuple(layers), method, exclude or ())
     if not targets:
         raise ValueError(f"prune: no {', '.join(t.__name__ for t in layers)} layer with a weight in the model")
+    for _, m in targets:
+        # torch.nn.utils.prune flattens weights with .view(-1), which a channels_last weight refuses:
+        # pruned in the default layout, put back in the model's own by make_permanent_
+        w = m._parameters.get("weight")
+        if isinstance(w, torch.Tensor) and not w.is_contiguous():
+            w.data = w.data.contiguous()
     if method == "l1_unstructured":
         torch_prune.global_unstructured([(m, "weight") for _, m in targets],
                                         pruning_method=torch_prune.L1Unstructured, amount=amount)
@@ -101,6 +107,10 @@ def make_permanent_(model: nn.Module) -> nn.Module:
         for hook in list(module._forward_pre_hooks.values()):
             if isinstance(hook, torch_prune.BasePruningMethod):
                 torch_prune.remove(module, hook._tensor_name)
+    for module in model.modules():  # the weight layout a torchfast model keeps (channels_last on the CPU)
+        restore = getattr(module, "_set_conv_weight_layout", None)
+        if callable(restore):
+            restore()
     return model
 
 
