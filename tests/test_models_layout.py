@@ -141,3 +141,13 @@ def test_hooks_take_the_plain_forward():
     x = torch.randn(2, 3, 8, 8)
     _close(fast(x), base(x))
     assert seen == [(2, 64, 8, 8)]  # the ReLU module ran (not fused away)
+
+
+def test_forward_mode_ad_takes_the_plain_ops():
+    torch.manual_seed(0)
+    conv, pool = nn.Conv2d(8, 16, 3, padding=1), nn.MaxPool2d(2)
+    x, t = torch.randn(4, 8, 24, 24), torch.randn(4, 8, 24, 24)
+    got = torch.func.jvp(lambda a: fusion.conv_relu_pool(conv, pool, a), (x,), (t,))
+    want = torch.func.jvp(lambda a: pool(F.relu(conv(a))), (x,), (t,))
+    for a, b in zip(got, want):
+        _close(a, b, rtol=1e-4, atol=1e-4)

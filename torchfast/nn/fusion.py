@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from torchfast.nn import _onednn
 from torchfast.nn.layers import current_weight
-from torchfast.ops._registry import exporting
+from torchfast.ops._registry import autograd_transforms_active, exporting
 
 
 class _WeightInLayout:
@@ -84,7 +84,8 @@ def conv_relu_pool(conv: nn.Conv2d, pool: Optional[nn.MaxPool2d], x: Tensor,
     commutes with ReLU, gradients included: the window's maximum is the same element either way, and
     a window whose maximum is <= 0 passes no gradient in both orders)."""
     if conv.padding_mode == "zeros" and _onednn.usable(x, conv.weight, conv.padding) and \
-            not torch.is_autocast_enabled("cpu"):
+            not torch.is_autocast_enabled("cpu") and not autograd_transforms_active():
+        # (forward-mode AD and torch.func transforms take the plain ops: the backward is reverse-mode)
         out = conv2d_relu(conv, x, cache)
         return pool(out) if pool is not None else out
     out = conv(x)
