@@ -450,8 +450,8 @@ def test_torch_compile_fullgraph(device):
 
 def test_bad_input_errors(device):
     q = torch.randn(2, 3, 5, 8, device=device)
-    with pytest.raises(ValueError, match="same rank"):
-        tf_sdpa(q, q[0], q)
+    with pytest.raises(ValueError, match="rank >= 2"):
+        tf_sdpa(q, q[0, 0, 0], q)
     with pytest.raises(ValueError, match=r"\(2, 3, 5, 8\), \(2, 3, 5, 7\)"):
         tf_sdpa(q, q[..., :7], q)
     with pytest.raises(ValueError, match=r"do not broadcast: \(2, 3, 5, 8\), \(3, 3, 5, 8\)"):
@@ -620,3 +620,20 @@ def test_mha_bad_input_errors(device):
 def test_complex_network_attention_is_torchfast(device):
     net = torchfast.models.ComplexNetwork()
     assert isinstance(net.attention, torchfast.nn.MultiheadAttention)
+
+
+@pytest.mark.parametrize("shapes", [((4, 3, 8), (4, 4, 6, 8)), ((2, 1, 3, 5, 8), (3, 6, 8)), ((5, 8), (2, 3, 7, 8))])
+def test_query_rank_may_differ_from_key_and_value(shapes, device):
+    """As torch: the batch dims broadcast whatever the ranks (torch's own OpInfo samples include
+    query (4, 3, 8) with key/value (4, 4, 6, 8))."""
+    q_shape, kv_shape = shapes
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(q_shape, generator=g).to(device).requires_grad_()
+    k = torch.randn(kv_shape, generator=g).to(device).requires_grad_()
+    v = torch.randn(kv_shape, generator=g).to(device).requires_grad_()
+    ours = tf_sdpa(q, k, v)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    g_out = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(ours, (q, k, v), g_out), torch.autograd.grad(ref, (q, k, v), g_out)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

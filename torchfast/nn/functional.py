@@ -77,7 +77,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     Same signature and results: query (..., L, E), key (..., S, E), value (..., S, Ev); attn_mask
     boolean (True = take part in attention) or additive float, broadcastable to (..., L, S);
     is_causal masks key j > query i (top-left aligned; it may be combined with attn_mask, where torch
-    raises); batch dims broadcast; scale defaults to 1/sqrt(E); enable_gqa
+    raises); batch dims broadcast (ranks may differ, as in torch: query (B, L, E) with key/value
+    (A, B, S, E)); scale defaults to 1/sqrt(E); enable_gqa
     lets key/value have fewer heads (dim -3) than query. The (L, S) scores are never materialised,
     and rows whose every key is masked give 0 with zero gradients (older torch gave NaN). dropout_p > 0 draws its
     mask from a seed taken from torch's default generator, so torch.manual_seed reproduces it; the
@@ -86,8 +87,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     """
     name = "scaled_dot_product_attention"
     shapes = f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"  # as received, for errors
-    if query.dim() < 2 or key.dim() != query.dim() or value.dim() != query.dim():
-        raise ValueError(f"{name}: query, key and value must have the same rank >= 2, got shapes {shapes}")
+    if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
+        raise ValueError(f"{name}: query, key and value must have rank >= 2, got shapes {shapes}")
     if query.size(-1) != key.size(-1) or key.size(-2) != value.size(-2):
         raise ValueError(f"{name}: expected query (..., L, E), key (..., S, E), value (..., S, Ev); got {shapes}")
     if not 0.0 <= dropout_p <= 1.0:
@@ -98,7 +99,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         low = torch.get_autocast_dtype(device_type)
         cast = lambda t: t.to(low) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
         query, key, value, attn_mask = cast(query), cast(key), cast(value), cast(attn_mask)
-    if enable_gqa and query.dim() >= 3 and key.size(-3) != query.size(-3):
+    if enable_gqa and query.dim() >= 3 and key.dim() >= 3 and key.size(-3) != query.size(-3):
         groups, rem = divmod(query.size(-3), key.size(-3))
         if rem:
             raise ValueError(f"{name}: with enable_gqa, query heads ({query.size(-3)}) must be a multiple of "
