@@ -1,0 +1,180 @@
+"""torchfast's drop-ins on the sample inputs PyTorch tests itself with (torch.testing._internal):
+op_db's scaled_dot_product_attention samples, module_db's MultiheadAttention and BatchNorm2d inputs,
+optim_db's Adam/AdamW/SGD configs and error inputs, each against torch's own result."""
+import re
+
+import pytest
+import torch
+
+import torchfast
+
+pytest.importorskip("expecttest")  # what torch.testing._internal imports
+
+from torch.testing._internal.common_methods_invocations import op_db  # noqa: E402
+from torch.testing._internal.common_modules import module_db  # noqa: E402
+from torch.testing._internal.common_optimizers import OptimizerErrorEnum, optim_db  # noqa: E402
+
+SDPA = next(o for o in op_db if o.name == "nn.functional.scaled_dot_product_attention")
+DTYPES = [torch.float32, torch.float64]
+
+
+def _rel_close(got, want, dtype, what=""):
+    """|got - want| <= tol * max(1, |want|.max()): torch's samples reach magnitudes in the hundreds."""
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
+    err = (got - want).abs().max().item() if want.numel() else 0.0
+    assert err <= tol * scale, f"{what}: max error {err:.3e} at scale {scale:.3g}"
+
+
+def _sdpa_samples(dtype):
+    return list(SDPA.sample_inputs("cpu", dtype, requires_grad=True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sdpa_on_torchs_sample_inputs(dtype):
+    checked = 0
+    for s in _sdpa_samples(dtype):
+        q, k, v = s.input, *s.args[:2]
+        kwargs = dict(s.kwargs)
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, *s.args[2:], **kwargs)
+        got = torchfast.nn.functional.scaled_dot_product_attention(q, k, v, *s.args[2:], **kwargs)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        if kwargs.get("dropout_p", 0.0) > 0.0:
+            continue  # a different (equally distributed) dropout mask: shapes only
+        shapes = f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, {kwargs}"
+        _rel_close(got, want, dtype, shapes)
+        g = torch.randn_like(want)
+        for name, a, b in zip("qkv", torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
+            _rel_close(a, b, dtype, f"grad {name} of {shapes}")
+        checked += 1
+    assert checked >= 10
+
+
+def _module_inputs(cls, dtype, training):
+    info = next(m for m in module_db if m.module_cls is cls)
+    return list(info.module_inputs_func(info, device="cpu", dtype=dtype, requires_grad=True, training=training))
+
+
+def _tensors(args):
+    return [t for t in args if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_multihead_attention_on_torchs_module_inputs(training):
+    """The flash path (need_weights=False) on every module_db input: outputs and gradients of
+    inputs and parameters, fp64."""
+    checked = 0
+    for mi in _module_inputs(torch.nn.MultiheadAttention, torch.float64, training):
+        args, kwargs = mi.constructor_input.args, mi.constructor_input.kwargs
+        if training and kwargs.get("dropout", 0.0):
+            continue
+        fwd_args, fwd_kwargs = mi.forward_input.args, dict(mi.forward_input.kwargs, need_weights=False)
+        torch.manual_seed(0)
+        ref = torch.nn.MultiheadAttention(*args, **kwargs).double().train(training)
+        ours = torchfast.nn.MultiheadAttention(*args, **kwargs).double().train(training)
+        ours.load_state_dict(ref.state_dict())
+        want, got = ref(*fwd_args, **fwd_kwargs)[0], ours(*fwd_args, **fwd_kwargs)[0]
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+        g = torch.randn_like(want)
+        wrt_ref = _tensors(fwd_args) + list(ref.parameters())
+        wrt_ours = _tensors(fwd_args) + list(ours.parameters())
+        for a, b in zip(torch.autograd.grad(got, wrt_ours, g, allow_unused=True),
+                        torch.autograd.grad(want, wrt_ref, g, allow_unused=True)):
+            if a is not None or b is not None:
+                torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
+        checked += 1
+    assert checked >= 32
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_batchnorm_relu_on_torchs_batchnorm2d_inputs(training):
+    """BatchNormReLU2d against relu(nn.BatchNorm2d) on module_db's BatchNorm2d inputs (momentum None,
+    affine off, no running statistics included): outputs, gradients, running statistics."""
+    checked = 0
+    for mi in _module_inputs(torch.nn.BatchNorm2d, torch.float64, training):
+        args, kwargs = mi.constructor_input.args, mi.constructor_input.kwargs
+        (x,) = mi.forward_input.args
+        ref = torch.nn.BatchNorm2d(*args, **kwargs).double().train(training)
+        ours = torchfast.nn.BatchNormReLU2d(*args, **kwargs).double().train(training)
+        ours.load_state_dict(ref.state_dict())
+        want, got = torch.relu(ref(x)), ours(x)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+        g = torch.randn_like(want)
+        for a, b in zip(torch.autograd.grad(got, [x, *ours.parameters()], g),
+                        torch.autograd.grad(want, [x, *ref.parameters()], g)):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
+        for a, b in zip(ours.buffers(), ref.buffers()):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        checked += 1
+    assert checked >= 4
+
+
+DROP_INS = {torch.optim.Adam: torchfast.optim.Adam, torch.optim.AdamW: torchfast.optim.AdamW,
+            torch.optim.SGD: torchfast.optim.SGD}
+OPTIM_INFOS = [info for info in optim_db if info.optim_cls in DROP_INS]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("info", OPTIM_INFOS, ids=lambda i: i.optim_cls.__name__)
+def test_optimizers_on_torchs_configs(info, dtype):
+    """Every optim_db config (lr as float or Tensor, weight decay, amsgrad, maximize, nesterov, ...):
+    five steps from the same parameters and gradients, torchfast vs torch."""
+    tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    configs = info.optim_inputs_func(device="cpu", dtype=dtype)
+    assert configs
+    for config in configs:
+        g = torch.Generator().manual_seed(0)
+        theirs = [torch.randn(5, 3, dtype=dtype, generator=g).requires_grad_(), torch.randn(7, dtype=dtype,
+                                                                                            generator=g).requires_grad_()]
+        ours = [p.detach().clone().requires_grad_() for p in theirs]
+        opt_t = info.optim_cls(theirs, **config.kwargs)
+        opt_o = DROP_INS[info.optim_cls](ours, **config.kwargs)
+        for _ in range(5):
+            for a, b in zip(theirs, ours):
+                grad = torch.randn(a.shape, dtype=dtype, generator=g)
+                a.grad, b.grad = grad.clone(), grad.clone()
+            opt_t.step()
+            opt_o.step()
+        for a, b in zip(theirs, ours):
+            torch.testing.assert_close(b, a, **tol, msg=f"{info.optim_cls.__name__} {config.desc}")
+
+
+# optim_db error inputs that torchfast accepts on purpose: its step is always one fused kernel, which
+# takes a Tensor lr or Tensor betas whatever `foreach` says (torch's foreach path cannot), and it
+# reads betas as numbers, so a float/Tensor mix is fine.
+ACCEPTED_ON_PURPOSE = ("lr as a Tensor is not supported for capturable=False and foreach=True",
+                       "betas must be either both floats or both Tensors",
+                       r"betas\[0\] as a Tensor is not supported for capturable=False and foreach=True")
+
+
+@pytest.mark.parametrize("info", OPTIM_INFOS, ids=lambda i: i.optim_cls.__name__)
+def test_optimizer_error_inputs_raise_as_torch_does(info):
+    params = lambda: [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+    for error in info.optim_error_inputs_func(device="cpu", dtype=torch.float32):
+        spec = error.optimizer_error_input
+        cls = DROP_INS[info.optim_cls]
+        if error.error_regex in ACCEPTED_ON_PURPOSE:
+            ours = params()
+            opt = cls(ours, **spec.kwargs)  # accepted: and it steps as torch's per-tensor path does
+            theirs = [p.detach().clone().requires_grad_() for p in ours]
+            ref_kwargs = dict(spec.kwargs, foreach=False)
+            if "betas" in ref_kwargs:  # the same numbers, as torch takes them
+                ref_kwargs["betas"] = tuple(float(b) for b in ref_kwargs["betas"])
+            ref = info.optim_cls(theirs, **ref_kwargs)
+            for a, b in zip(ours, theirs):
+                a.grad = torch.ones_like(a)
+                b.grad = torch.ones_like(b)
+            opt.step()
+            ref.step()
+            for a, b in zip(ours, theirs):
+                torch.testing.assert_close(a, b)
+            continue
+        if issubclass(error.error_type, Warning):
+            with pytest.warns(error.error_type, match=error.error_regex):
+                cls(spec.params, **spec.kwargs)
+            continue
+        with pytest.raises(error.error_type, match=error.error_regex):
+            opt = cls(spec.params, **spec.kwargs)
+            if error.error_on == OptimizerErrorEnum.STEP_ERROR:
+                opt.step()
+        assert re.compile(error.error_regex)
