@@ -178,3 +178,27 @@ def test_optimizer_error_inputs_raise_as_torch_does(info):
             if error.error_on == OptimizerErrorEnum.STEP_ERROR:
                 opt.step()
         assert re.compile(error.error_regex)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_conv_bn_relu_on_torchs_conv2d_inputs(training):
+    """ConvBNReLU2d against nn.Sequential(Conv2d, BatchNorm2d, ReLU) on module_db's batched Conv2d
+    inputs (strides, paddings, padding modes, dilation, groups), with and without grad (eval without
+    grad takes the folded path)."""
+    checked = 0
+    for mi in _module_inputs(torch.nn.Conv2d, torch.float64, training):
+        args, kwargs = mi.constructor_input.args, mi.constructor_input.kwargs
+        (x,) = mi.forward_input.args
+        if x.dim() != 4:
+            continue  # unbatched: BatchNorm2d takes 4-D input only
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(*args, **kwargs).double()
+        ref = torch.nn.Sequential(conv, torch.nn.BatchNorm2d(conv.out_channels).double(), torch.nn.ReLU())
+        ours = torchfast.nn.ConvBNReLU2d(*args, **kwargs).double()
+        ours.load_state_dict(ref.state_dict())
+        ours.train(training), ref.train(training)
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                torch.testing.assert_close(ours(x), ref(x), rtol=1e-9, atol=1e-9)
+        checked += 1
+    assert checked >= 2
