@@ -202,3 +202,26 @@ def test_conv_bn_relu_on_torchs_conv2d_inputs(training):
                 torch.testing.assert_close(ours(x), ref(x), rtol=1e-9, atol=1e-9)
         checked += 1
     assert checked >= 2
+
+
+@pytest.mark.parametrize("cls", [torchfast.optim.Adam, torchfast.optim.AdamW], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("hyper", ["tensor lr", "tensor betas"])
+def test_tensor_hyperparameters_on_fp64_match_torchs_fused_path_exactly(cls, hyper):
+    """fp32 Tensor lr/betas on fp64 params: torch's own paths disagree (its per-tensor path does the
+    hyperparameter arithmetic in the tensors' fp32, its fused path reads them as numbers); torchfast
+    is its fused path, to the bit, and within torch's fp32 rounding of the per-tensor path."""
+    kwargs = dict(lr=torch.tensor(1e-3)) if hyper == "tensor lr" else \
+        dict(lr=1e-3, betas=(torch.tensor(0.9), torch.tensor(0.999)))
+    torch_cls = getattr(torch.optim, cls.__name__)
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(5, 3, dtype=torch.float64, generator=g)
+    runs = {name: [start.clone().requires_grad_()] for name in ("ours", "fused", "single")}
+    opts = {"ours": cls(runs["ours"], **kwargs), "fused": torch_cls(runs["fused"], fused=True, **kwargs),
+            "single": torch_cls(runs["single"], foreach=False, **kwargs)}
+    for _ in range(5):
+        grad = torch.randn(5, 3, dtype=torch.float64, generator=g)
+        for name, opt in opts.items():
+            runs[name][0].grad = grad.clone()
+            opt.step()
+    assert torch.equal(runs["ours"][0], runs["fused"][0])
+    torch.testing.assert_close(runs["ours"][0], runs["single"][0], rtol=0, atol=1e-6)
