@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 _loader.load()
 
 from torchfast import models, nn, ops, optim, reference  # noqa: E402,F401  (registrations need the library loaded)
+from torchfast.convert import ConversionReport, convert, enable  # noqa: E402
 
 
 def info() -> dict:
@@ -32,4 +33,5 @@ def info() -> dict:
     }
 
 
-__all__ = ["info", "models", "nn", "ops", "optim", "reference", "__version__"]
+__all__ = ["ConversionReport", "convert", "enable", "info", "models", "nn", "ops", "optim", "reference",
+           "__version__"]

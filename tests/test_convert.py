@@ -1,0 +1,193 @@
+"""torchfast.convert on models we did not write: the cheat sheet's plain-torch network, torchvision's
+ResNets, plain Sequential stacks; same state_dict, outputs, gradients and running statistics; what
+it must leave alone; the optimizer swap; F.scaled_dot_product_attention routing."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import torchfast
+from torchfast.reference import modules as plain
+
+
+def _rel_err(a, b, floor=1e-3) -> float:
+    return (a - b).abs().max().item() / max(floor, b.abs().max().item())
+
+
+def _check_equivalent(original, converted, x, modes=("train", "eval"), out_tol=1e-5):
+    assert list(converted.state_dict()) == list(original.state_dict())
+    for mode in modes:
+        original.train(mode == "train"), converted.train(mode == "train")
+        want, got = original(x), converted(x)
+        assert _rel_err(got, want) < out_tol, mode
+        want.square().sum().backward()
+        got.square().sum().backward()
+        for (name, p), q in zip(original.named_parameters(), converted.parameters()):
+            # (a conv bias right before a batch norm has a gradient of 0 up to rounding: absolute there)
+            assert _rel_err(q.grad, p.grad, floor=1.0) < 1e-4, (mode, name)
+            p.grad = q.grad = None
+        for (name, a), b in zip(original.named_buffers(), converted.buffers()):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    with torch.no_grad():
+        original.eval(), converted.eval()
+        assert _rel_err(converted(x), original(x)) < 1e-5
+
+
+def test_cheat_sheet_network_in_plain_torch():
+    torch.manual_seed(0)
+    net = plain.ComplexNetwork(10, 3)
+    net.classifier[3].p = 0.0
+    fast = torchfast.convert(net)
+    swaps = dict(fast.torchfast_conversion.swaps)
+    assert swaps["attention"].endswith("torchfast.nn.MultiheadAttention")
+    assert [w for p, w in fast.torchfast_conversion.swaps if p == "features.3"] == [
+        "bn1 + ReLU -> BatchNormReLU2d", "bn2 + residual add + ReLU -> BatchNormAddReLU2d"]
+    assert isinstance(net.attention, nn.MultiheadAttention) and type(net.attention) is nn.MultiheadAttention
+    _check_equivalent(net, fast, torch.randn(4, 3, 16, 16))
+    plain.ComplexNetwork(10, 3).load_state_dict(fast.state_dict())  # checkpoints load both ways
+    fast.load_state_dict(net.state_dict())
+
+
+def test_torchvision_resnet18():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10)
+    fast = torchfast.convert(net)
+    report = fast.torchfast_conversion
+    assert len([p for p, w in report.swaps if "residual add" in w]) == 8 and not report.skipped, str(report)
+    _check_equivalent(net, fast, torch.randn(8, 3, 64, 64))
+
+
+def test_torchvision_resnet50_within_twice_torchs_own_rounding():
+    """50 layers of training-mode batch norm (layer4 normalises 32 values per channel here) amplify fp32
+    rounding: the converted model's error against an fp64 run is at most twice torch's own."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = torchvision.models.resnet50(num_classes=10)
+    fast = torchfast.convert(net)
+    report = fast.torchfast_conversion
+    assert len([p for p, w in report.swaps if "residual add" in w]) == 16 and not report.skipped, str(report)
+    assert list(fast.state_dict()) == list(net.state_dict())
+    exact = copy.deepcopy(net).double()
+    x = torch.randn(8, 3, 64, 64)
+    outs = [m(x.to(dtype)) for m, dtype in ((net, torch.float32), (fast, torch.float32), (exact, torch.float64))]
+    for o in outs:
+        o.square().sum().backward()
+    assert _rel_err(outs[1].double(), outs[2]) <= 2 * _rel_err(outs[0].double(), outs[2]) + 1e-6
+    flat = lambda m: torch.cat([p.grad.double().flatten() for p in m.parameters()])
+    g_torch, g_ours, g_exact = flat(net), flat(fast), flat(exact)
+    err = lambda g: ((g - g_exact).norm() / g_exact.norm()).item()  # over all gradients together
+    assert err(g_ours) <= 2 * err(g_torch) + 1e-6, (err(g_ours), err(g_torch))
+
+
+def test_sequential_conv_bn_relu_and_what_stays():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(),  # ReLU6: not ours
+                        nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(),  # not a BatchNorm
+                        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.SiLU())
+    fast = torchfast.convert(net)
+    kinds = [type(m) for m in fast]
+    assert kinds[1] is torchfast.nn.BatchNormReLU2d and kinds[2] is nn.Identity
+    assert kinds[4] is nn.BatchNorm2d and kinds[5] is nn.ReLU6
+    assert kinds[7] is nn.GroupNorm and kinds[10] is nn.BatchNorm2d and kinds[11] is nn.SiLU
+    _check_equivalent(net, fast, torch.randn(4, 3, 10, 10))
+
+
+def test_hooks_and_nothing_to_convert():
+    torch.manual_seed(0)
+    hooked = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    hooked[1].register_forward_hook(lambda *a: None)
+    fast = torchfast.convert(hooked)
+    assert type(fast[1]) is nn.BatchNorm2d and fast.torchfast_conversion.skipped
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.SiLU(), nn.Linear(8, 2))
+    same = torchfast.convert(mlp)
+    assert [type(m) for m in same.modules()] == [type(m) for m in mlp.modules()]
+    assert not same.torchfast_conversion.swaps
+    assert torchfast.convert(mlp, inplace=True) is mlp
+
+
+def test_shared_or_untraceable_blocks_stay():
+    class TwiceBN(nn.Module):  # the same batch norm called twice: not provably one fused call
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.conv(x)) + torch.relu(self.bn(x)))
+
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return torch.relu(self.bn(x)) if x.sum() > 0 else x
+
+    net = nn.Sequential(TwiceBN(), DataDependent())
+    fast = torchfast.convert(net)
+    assert not fast.torchfast_conversion.swaps and len(fast.torchfast_conversion.skipped) == 2
+    assert type(fast[0]) is TwiceBN and type(fast[1]) is DataDependent
+
+
+@pytest.mark.parametrize("kind", ["SGD", "Adam", "AdamW"])
+def test_optimizer_swap_keeps_groups_and_state(kind):
+    # (no convolution bias before the batch norm: its gradient is 0 up to rounding, which Adam's
+    # normalised step would turn into lr-sized noise in both runs)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(8 * 8 * 8, 10))
+    cls = getattr(torch.optim, kind)
+    kwargs = dict(momentum=0.9) if kind == "SGD" else {}
+
+    def groups(model):
+        return [{"params": list(model[0].parameters()) + list(model[1].parameters()), "lr": 0.01},
+                {"params": model[4].parameters(), "lr": 0.001}]
+
+    opt = cls(groups(net), **kwargs)
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+
+    def step(model, optimizer):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    step(net, opt)  # state to carry over
+    reference = copy.deepcopy(net)
+    ref_opt = cls(groups(reference), **kwargs)
+    ref_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # (load_state_dict keeps the given tensors)
+    fast, fast_opt = torchfast.convert(net, optimizer=opt)
+    assert type(fast[1]) is torchfast.nn.BatchNormReLU2d
+    assert type(fast_opt) is getattr(torchfast.optim, kind)
+    assert [g["lr"] for g in fast_opt.param_groups] == [0.01, 0.001]
+    assert all(p in set(fast.parameters()) for g in fast_opt.param_groups for p in g["params"])
+    for _ in range(2):
+        step(reference, ref_opt)
+        step(fast, fast_opt)
+    for p, q in zip(reference.parameters(), fast.parameters()):
+        assert _rel_err(q, p) < 1e-5
+    step(net, opt)  # the original optimizer still steps its own model, its state untouched by the swap
+
+
+def test_converted_model_compiles():
+    torch.manual_seed(0)
+    net = plain.ComplexNetwork(10, 3).eval()
+    fast = torchfast.convert(net)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert _rel_err(torch.compile(fast)(x), net(x)) < 1e-4
+
+
+def test_enable_routes_sdpa_calls():
+    q = torch.randn(2, 4, 16, 8)
+
+    def attention(q):
+        return nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+    want = attention(q)
+    with torch.profiler.profile() as prof, torchfast.enable():
+        got = attention(q)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if torchfast.info()["kernels_loaded"]:
+        assert "torchfast::flash_attention" in {e.name for e in prof.events()}

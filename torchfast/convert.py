@@ -1,0 +1,256 @@
+"""torchfast.convert(model): torchfast's fused layers in a model we did not write, where they are
+provably the same computation, and nothing else changed.
+
+What it rewrites (state_dict keys and values unchanged; each swap and each candidate left alone is
+reported):
+- nn.MultiheadAttention -> torchfast.nn.MultiheadAttention (same parameters; a subclass);
+- BatchNorm2d followed by ReLU in an nn.Sequential -> BatchNormReLU2d (the ReLU becomes nn.Identity);
+- inside a block's traced forward (torch.fx): bn -> ReLU -> BatchNormReLU2d, and
+  bn -> (+ identity) -> ReLU -> BatchNormAddReLU2d(x, identity): the cheat sheet's ResidualBlock,
+  torchvision's BasicBlock and Bottleneck (their downsample branch is the "identity");
+- optimizer=: torch.optim SGD/Adam/AdamW -> torchfast's, with the same param_groups and state.
+A BatchNorm2d that is not a plain nn.BatchNorm2d, that is called more than once, or that has hooks, and
+blocks that do not trace, stay as they were. torchfast.enable() routes F.scaled_dot_product_attention
+calls (timm, transformers) to torchfast's for the code run inside it.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import operator
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchfast.nn import attention as fused_attention
+from torchfast.nn import layers as fused
+
+__all__ = ["ConversionReport", "convert", "enable"]
+
+
+@dataclass
+class ConversionReport:
+    swaps: list = field(default_factory=list)  # (module path, what was done)
+    skipped: list = field(default_factory=list)  # (module path, why it was left alone)
+
+    def __str__(self) -> str:
+        lines = [f"torchfast.convert: {len(self.swaps)} swaps, {len(self.skipped)} candidates left alone"]
+        lines += [f"  {path or '(model)'}: {what}" for path, what in self.swaps]
+        lines += [f"  {path or '(model)'}: left alone: {why}" for path, why in self.skipped]
+        return "\n".join(lines)
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _plain_bn(m) -> bool:
+    return type(m) is nn.BatchNorm2d
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+# -- nn.MultiheadAttention ---------------------------------------------------------------------------
+
+def _convert_attention(model: nn.Module, report: ConversionReport) -> None:
+    for path, m in model.named_modules():
+        if type(m) is nn.MultiheadAttention:
+            if _has_hooks(m):
+                report.skipped.append((path, "nn.MultiheadAttention with hooks"))
+                continue
+            m.__class__ = fused_attention.MultiheadAttention
+            report.swaps.append((path, "nn.MultiheadAttention -> torchfast.nn.MultiheadAttention"))
+
+
+# -- BatchNorm2d -> ReLU in nn.Sequential ------------------------------------------------------------
+
+def _convert_sequential(model: nn.Module, report: ConversionReport) -> None:
+    for path, seq in list(model.named_modules()):
+        if not isinstance(seq, nn.Sequential) or type(seq) in (fused.ConvBNReLU2d,):
+            continue
+        names = list(seq._modules)
+        for a, b in zip(names, names[1:]):
+            bn, relu = seq._modules[a], seq._modules[b]
+            if not (isinstance(bn, nn.BatchNorm2d) and type(relu) is nn.ReLU):
+                continue
+            where = _join(path, a)
+            if not _plain_bn(bn):
+                report.skipped.append((where, f"{type(bn).__name__} is not a plain nn.BatchNorm2d"))
+            elif _has_hooks(bn) or _has_hooks(relu):
+                report.skipped.append((where, "hooks on the batch norm or the ReLU"))
+            else:
+                bn.__class__ = fused.BatchNormReLU2d
+                setattr(seq, b, nn.Identity())
+                report.swaps.append((where, f"BatchNorm2d + ReLU ({_join(path, b)}) -> BatchNormReLU2d"))
+
+
+# -- blocks, by their traced forward ------------------------------------------------------------------
+
+_ADDS = {operator.add, operator.iadd, torch.add}
+_RELU_FUNCTIONS = {torch.relu, F.relu, torch.relu_}
+
+
+def _is_relu(node: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _is_add(node: torch.fx.Node) -> bool:
+    if node.op == "call_function" and node.target in _ADDS:
+        return len(node.args) == 2 and not node.kwargs
+    return node.op == "call_method" and node.target in ("add", "add_") and len(node.args) == 2 and not node.kwargs
+
+
+def _bn_node(node, gm, calls: dict):
+    """`node` if it calls a plain BatchNorm2d module once in the graph, with no hooks, else None."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_module":
+        return None
+    m = gm.get_submodule(node.target)
+    if not _plain_bn(m) or calls.get(node.target, 0) != 1 or _has_hooks(m) or len(node.users) != 1:
+        return None
+    return node
+
+
+def _rewrite_block(module: nn.Module) -> Optional[tuple]:
+    """(GraphModule, [descriptions]) with the block's BN -> (+ identity) -> ReLU runs fused, or None."""
+    try:
+        gm = torch.fx.symbolic_trace(module)
+    except Exception:  # data-dependent control flow and the like: left as it is
+        return None
+    calls = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls[n.target] = calls.get(n.target, 0) + 1
+    done = []
+    for relu in list(gm.graph.nodes):
+        if not _is_relu(relu, gm) or len(relu.args) != 1:
+            continue
+        src = relu.args[0]
+        bn = _bn_node(src, gm, calls)
+        if bn is not None:  # bn -> relu
+            gm.get_submodule(bn.target).__class__ = fused.BatchNormReLU2d
+            relu.replace_all_uses_with(bn)
+            gm.graph.erase_node(relu)
+            done.append(f"{bn.target} + ReLU -> BatchNormReLU2d")
+            continue
+        if not (isinstance(src, torch.fx.Node) and _is_add(src) and len(src.users) == 1):
+            continue
+        for i in (0, 1):
+            bn = _bn_node(src.args[i], gm, calls)
+            if bn is None:
+                continue
+            identity = src.args[1 - i]
+            bn_mod = gm.get_submodule(bn.target)
+            bn_mod.__class__ = fused.BatchNormAddReLU2d
+            with gm.graph.inserting_before(relu):
+                fused_node = gm.graph.call_module(bn.target, (bn.args[0], identity))
+            relu.replace_all_uses_with(fused_node)
+            gm.graph.erase_node(relu)
+            gm.graph.erase_node(src)
+            gm.graph.erase_node(bn)
+            done.append(f"{bn.target} + residual add + ReLU -> BatchNormAddReLU2d")
+            break
+    if not done:
+        return None
+    gm.graph.lint()
+    gm.recompile()
+    return gm, done
+
+
+def _convert_blocks(model: nn.Module, report: ConversionReport) -> None:
+    """Each block (a module with BatchNorm2d children whose class is not torch's own) is traced and
+    rewritten; it is replaced only if its state_dict keys stay the same."""
+    for path, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            where = _join(path, name)
+            if type(child).__module__.startswith("torch.") or isinstance(child, nn.Sequential) or \
+                    not any(_plain_bn(m) for m in child.children()):
+                continue
+            if _has_hooks(child):
+                report.skipped.append((where, "hooks on the block"))
+                continue
+            keys = list(child.state_dict())
+            rewritten = _rewrite_block(child)
+            if rewritten is None:
+                report.skipped.append((where, f"{type(child).__name__}: its forward does not trace (torch.fx) or "
+                                              "has no BatchNorm2d -> (add) -> ReLU run"))
+                continue
+            gm, done = rewritten
+            if list(gm.state_dict()) != keys:
+                for m in gm.modules():  # undo the class swaps on the shared submodules
+                    if type(m) in (fused.BatchNormReLU2d, fused.BatchNormAddReLU2d):
+                        m.__class__ = nn.BatchNorm2d
+                report.skipped.append((where, "the traced block would change the state_dict keys"))
+                continue
+            gm.__class__.__name__ = f"Fused{type(child).__name__}"
+            setattr(parent, name, gm)
+            report.swaps += [(where, d) for d in done]
+
+
+# -- optimizers ---------------------------------------------------------------------------------------
+
+def _convert_optimizer(optimizer: torch.optim.Optimizer, old: nn.Module, new: nn.Module, report: ConversionReport):
+    import torchfast.optim as fast_optim
+
+    kinds = {torch.optim.SGD: fast_optim.SGD, torch.optim.Adam: fast_optim.Adam, torch.optim.AdamW: fast_optim.AdamW}
+    cls = kinds.get(type(optimizer))
+    if cls is None:
+        report.skipped.append(("optimizer", f"{type(optimizer).__name__} has no torchfast counterpart"))
+        return optimizer
+    mapping = {id(p): q for p, q in zip(old.parameters(), new.parameters())}
+    groups = []
+    for group in optimizer.param_groups:
+        params = [mapping.get(id(p), p) for p in group["params"]]
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": params})
+    fast = cls(groups)
+    # a copy of the state: load_state_dict keeps the tensors it is given, which would tie the two
+    # optimizers' moments together
+    fast.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    report.swaps.append(("optimizer", f"torch.optim.{type(optimizer).__name__} -> torchfast.optim.{cls.__name__}"))
+    return fast
+
+
+def convert(model: nn.Module, *, inplace: bool = False, optimizer: Optional[torch.optim.Optimizer] = None,
+            report: bool = False):
+    """`model` with torchfast's fused layers swapped in where they compute the same (a copy unless
+    `inplace`). With `optimizer`, returns (model, optimizer): a torch.optim SGD/Adam/AdamW becomes the
+    torchfast one over the converted model's parameters, with the same param_groups and state.
+    The ConversionReport is on `model.torchfast_conversion`; `report=True` also prints it."""
+    out = model if inplace else copy.deepcopy(model)
+    rep = ConversionReport()
+    _convert_attention(out, rep)
+    _convert_blocks(out, rep)
+    _convert_sequential(out, rep)
+    out.torchfast_conversion = rep
+    if report:
+        print(rep)
+    if optimizer is not None:
+        return out, _convert_optimizer(optimizer, model, out, rep)
+    return out
+
+
+class _SDPARouting(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            from torchfast.nn.functional import scaled_dot_product_attention
+
+            with torch._C.DisableTorchFunction():
+                return scaled_dot_product_attention(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def enable():
+    """Inside it, torch.nn.functional.scaled_dot_product_attention runs torchfast's flash kernels
+    (for models whose attention calls F.scaled_dot_product_attention directly: timm, transformers)."""
+    with _SDPARouting():
+        yield
