@@ -40,6 +40,9 @@ def _make(shape, dtype, channels_last, misaligned, seed=0):
 # Statistics and per-channel sums are accumulated in another order than the reference's (chunk
 # partials combined in double): fp32 agrees to ~1e-6 relative, so compare at 1e-5.
 STAT_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
+# Per-channel gradient sums (N*H*W terms, summed in another order by the kernel's partials than by the
+# reference): fp32 rounding grows with the term count and the cancellation among them.
+SUM_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 
 
 def _close(a, b, dtype):
@@ -56,9 +59,10 @@ def test_forward_and_backward_match_reference(emu, schedule, case, dtype):
     res = _make(shape, dtype, channels_last, misaligned, seed=1)
     grad = _make(shape, dtype, channels_last, misaligned, seed=2)
     stat = torch.float64 if dtype == torch.float64 else torch.float32
-    w = torch.rand(C, dtype=stat) + 0.5
-    b = torch.randn(C, dtype=stat)
-    rm, rv = torch.randn(C, dtype=stat), torch.rand(C, dtype=stat) + 0.1
+    g = torch.Generator().manual_seed(3)  # the same statistics whatever ran before
+    w = torch.rand(C, dtype=stat, generator=g) + 0.5
+    b = torch.randn(C, dtype=stat, generator=g)
+    rm, rv = torch.randn(C, dtype=stat, generator=g), torch.rand(C, dtype=stat, generator=g) + 0.1
     variants = [(True, w, b, res, True), (True, None, None, None, False), (False, w, b, res, True),
                 (False, w, None, None, True)]
     for training, weight, bias, residual, relu in variants:
@@ -82,7 +86,7 @@ def test_forward_and_backward_match_reference(emu, schedule, case, dtype):
             if name in ("grad_input", "grad_residual"):
                 _close(a, r, dtype)
             else:
-                torch.testing.assert_close(a, r, **STAT_TOL[stat])
+                torch.testing.assert_close(a, r, **SUM_TOL[stat])
 
 
 @pytest.mark.parametrize("stream", ["residual", "grad_out"])
