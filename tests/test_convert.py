@@ -49,25 +49,26 @@ def test_cheat_sheet_network_in_plain_torch():
     fast.load_state_dict(net.state_dict())
 
 
-def test_torchvision_resnet18():
+def _converted_resnet(arch: str, blocks: int):
+    """(torchvision model, its conversion), every residual block's BN + add + ReLU fused."""
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
-    net = torchvision.models.resnet18(num_classes=10)
+    net = getattr(torchvision.models, arch)(num_classes=10)
     fast = torchfast.convert(net)
     report = fast.torchfast_conversion
-    assert len([p for p, w in report.swaps if "residual add" in w]) == 8 and not report.skipped, str(report)
+    assert len([p for p, w in report.swaps if "residual add" in w]) == blocks and not report.skipped, str(report)
+    return net, fast
+
+
+def test_torchvision_resnet18():
+    net, fast = _converted_resnet("resnet18", blocks=8)
     _check_equivalent(net, fast, torch.randn(8, 3, 64, 64))
 
 
 def test_torchvision_resnet50_within_twice_torchs_own_rounding():
     """50 layers of training-mode batch norm (layer4 normalises 32 values per channel here) amplify fp32
     rounding: the converted model's error against an fp64 run is at most twice torch's own."""
-    torchvision = pytest.importorskip("torchvision")
-    torch.manual_seed(0)
-    net = torchvision.models.resnet50(num_classes=10)
-    fast = torchfast.convert(net)
-    report = fast.torchfast_conversion
-    assert len([p for p, w in report.swaps if "residual add" in w]) == 16 and not report.skipped, str(report)
+    net, fast = _converted_resnet("resnet50", blocks=16)
     assert list(fast.state_dict()) == list(net.state_dict())
     exact = copy.deepcopy(net).double()
     x = torch.randn(8, 3, 64, 64)

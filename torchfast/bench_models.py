@@ -17,24 +17,13 @@ import torch
 from torch import nn
 
 import torchfast
+from torchfast.bench import _interleaved_medians
 from torchfast.reference import modules as plain
 
 
-def _median_interleaved(fns: dict, rounds: int, warmup: int = 2) -> dict:
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[k].append(time.perf_counter() - start)
-    return {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
-
-
-def profile_summary(fn: Callable, steps: int = 3, top: int = 8) -> list:
-    """[(op, share of self CPU time, calls per step)] of the top ops while `fn` runs `steps` times."""
+def profile_summary(fn: Callable, steps: int = 3, top: int = 8) -> tuple:
+    """([(op, share of self CPU time, calls per step)] for the top ops while `fn` runs `steps` times,
+    and the share of aten::copy_ (the layout copies), from one profile."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -44,20 +33,12 @@ def profile_summary(fn: Callable, steps: int = 3, top: int = 8) -> list:
     events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
     total = sum(e.self_cpu_time_total for e in events) or 1.0
     events.sort(key=lambda e: -e.self_cpu_time_total)
-    return [(e.key, e.self_cpu_time_total / total, e.count / steps) for e in events[:top]]
+    copy_share = sum(e.self_cpu_time_total for e in events if e.key == "aten::copy_") / total
+    return [(e.key, e.self_cpu_time_total / total, e.count / steps) for e in events[:top]], copy_share
 
 
-def share_of(summary_fn: Callable, op: str, steps: int = 3) -> float:
-    """Share of self CPU time that `op` takes while summary_fn runs (all ops considered)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    summary_fn()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            summary_fn()
-    events = list(prof.key_averages())
-    total = sum(e.self_cpu_time_total for e in events) or 1.0
-    return sum(e.self_cpu_time_total for e in events if e.key == op) / total
+def _timed(fns: dict, rounds: int) -> dict:
+    return _interleaved_medians(fns, "cpu", rounds, warmup=2)
 
 
 def _pair(num_classes=10, in_channels=3, seed=0):
@@ -86,8 +67,8 @@ def inference_report(batch: int = 32, size: int = 32, rounds: int = 20, with_onn
         except ImportError:
             pass
     with torch.no_grad():
-        t = _median_interleaved(fns, rounds)
-        prof = profile_summary(lambda: fast(x))
+        t = _timed(fns, rounds)
+        prof, _ = profile_summary(lambda: fast(x))
     base_t = t["plain eager"]
     rows = [{"bench": f"inference, batch {batch}, 3x{size}x{size}", "impl": k, "median_ms": v * 1e3,
              "vs_plain": v / base_t} for k, v in t.items()]
@@ -116,12 +97,11 @@ def train_report(batch: int = 32, size: int = 32, rounds: int = 15, amp: bool = 
         return run
 
     fns = {"plain eager + AdamW(fused=True)": step(base, opt_base), "torchfast + torchfast AdamW": step(fast, opt_fast)}
-    t = _median_interleaved(fns, rounds)
+    t = _timed(fns, rounds)
     base_t = t["plain eager + AdamW(fused=True)"]
     label = f"train step, batch {batch}, 3x{size}x{size}" + (", bf16 autocast" if amp else "")
     rows = [{"bench": label, "impl": k, "median_ms": v * 1e3, "vs_plain": v / base_t} for k, v in t.items()]
-    prof = profile_summary(fns["torchfast + torchfast AdamW"])
-    copy_share = share_of(fns["torchfast + torchfast AdamW"], "aten::copy_")
+    prof, copy_share = profile_summary(fns["torchfast + torchfast AdamW"])
     return rows, prof, copy_share
 
 

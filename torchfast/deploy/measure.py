@@ -2,7 +2,6 @@
 size and accuracy, as one table. Used by `torchfast export` and benchmarks/bench_deploy.py."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
@@ -34,17 +33,10 @@ def accuracy(run: Callable, loader: Iterable) -> float:
 def latencies(variants: list, inputs: tuple, rounds: int = 15, warmup: int = 2) -> dict:
     """Median seconds per call of each variant on `inputs`, the variants taking turns each round
     (so that the machine's noise falls on all of them alike)."""
-    samples = {v.name: [] for v in variants}
+    from torchfast.bench import _interleaved_medians
+
     with torch.no_grad():
-        for v in variants:
-            for _ in range(warmup):
-                v.run(*inputs)
-        for _ in range(rounds):
-            for v in variants:
-                start = time.perf_counter()
-                v.run(*inputs)
-                samples[v.name].append(time.perf_counter() - start)
-    return {k: sorted(s)[len(s) // 2] for k, s in samples.items()}
+        return _interleaved_medians({v.name: (lambda v=v: v.run(*inputs)) for v in variants}, "cpu", rounds, warmup)
 
 
 def compare(variants: list, inputs_by_batch: dict, loader: Optional[Iterable] = None, rounds: int = 15) -> list:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
@@ -25,7 +24,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from torchfast.deploy import runtime
+from torchfast.deploy import measure, runtime
 from torchfast.deploy.onnx_export import export_onnx
 from torchfast.deploy.plain import to_plain
 
@@ -168,7 +167,8 @@ def _ort_static(fp32_path, out_path, batches, example, activation, threads) -> Q
         candidates[kind] = target
     timings = {}
     if len(candidates) > 1:
-        timings = _time_interleaved({k: runtime.OrtModule(p, threads) for k, p in candidates.items()}, example)
+        timings = measure.latencies([measure.Variant(k, runtime.OrtModule(p, threads), 0)
+                                     for k, p in candidates.items()], example, rounds=7, warmup=1)
         best = min(timings, key=timings.get)
         os.replace(candidates[best], out_path)
     else:
@@ -179,20 +179,6 @@ def _ort_static(fp32_path, out_path, batches, example, activation, threads) -> Q
         details["measured_ms"] = {f"{k.upper()}S8": round(v * 1e3, 3) for k, v in timings.items()}
     return QuantizedModel(runtime.OrtModule(out_path, threads), "onnx-static", out_path,
                           runtime.file_bytes(out_path), details)
-
-
-def _time_interleaved(modules: dict, inputs, rounds: int = 7) -> dict:
-    """Median seconds per call of each module, the modules taking turns (noise hits all alike)."""
-    samples = {k: [] for k in modules}
-    with torch.no_grad():
-        for m in modules.values():
-            m(*inputs)  # warm-up
-        for _ in range(rounds):
-            for k, m in modules.items():
-                start = time.perf_counter()
-                m(*inputs)
-                samples[k].append(time.perf_counter() - start)
-    return {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
 
 
 # -- PT2E (torchao) --------------------------------------------------------------------------------

@@ -61,12 +61,15 @@ class _ConvReLUFunction(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None, None
 
 
-def conv2d_relu(conv: nn.Conv2d, x: Tensor, cache: Optional[_WeightInLayout] = None) -> Tensor:
-    """relu(conv(x)) for an nn.Conv2d, fused where oneDNN's post-op convolution applies."""
+def _fusable(conv: nn.Conv2d, x: Tensor) -> bool:
+    """Whether oneDNN's post-op convolution serves this call. Forward-mode AD and torch.func
+    transforms take the plain ops (the fused backward is reverse-mode only)."""
+    return (conv.padding_mode == "zeros" and _onednn.usable(x, conv.weight, conv.padding)
+            and not torch.is_autocast_enabled("cpu") and not autograd_transforms_active())
+
+
+def _fused_conv_relu(conv: nn.Conv2d, x: Tensor, cache: Optional[_WeightInLayout]) -> Tensor:
     weight = current_weight(conv)  # (a pruned weight as the module's own forward would see it)
-    if conv.padding_mode != "zeros" or not _onednn.usable(x, weight, conv.padding) or \
-            torch.is_autocast_enabled("cpu"):
-        return F.relu(conv(x))
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     in_layout = (cache.get(weight) if cache is not None else weight.contiguous(memory_format=torch.channels_last)) \
         if channels_last else weight
@@ -77,16 +80,19 @@ def conv2d_relu(conv: nn.Conv2d, x: Tensor, cache: Optional[_WeightInLayout] = N
     return _onednn.conv2d_relu(x, in_layout, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups, True)
 
 
+def conv2d_relu(conv: nn.Conv2d, x: Tensor, cache: Optional[_WeightInLayout] = None) -> Tensor:
+    """relu(conv(x)) for an nn.Conv2d, fused where oneDNN's post-op convolution applies."""
+    return _fused_conv_relu(conv, x, cache) if _fusable(conv, x) else F.relu(conv(x))
+
+
 def conv_relu_pool(conv: nn.Conv2d, pool: Optional[nn.MaxPool2d], x: Tensor,
                    cache: Optional[_WeightInLayout] = None) -> Tensor:
     """pool?(relu(conv(x))) with the ReLU fused: into the convolution as a oneDNN post-op where that
     applies (CPU fp32), else after the pool, on a quarter of the elements (exact: max pooling
     commutes with ReLU, gradients included: the window's maximum is the same element either way, and
     a window whose maximum is <= 0 passes no gradient in both orders)."""
-    if conv.padding_mode == "zeros" and _onednn.usable(x, conv.weight, conv.padding) and \
-            not torch.is_autocast_enabled("cpu") and not autograd_transforms_active():
-        # (forward-mode AD and torch.func transforms take the plain ops: the backward is reverse-mode)
-        out = conv2d_relu(conv, x, cache)
+    if _fusable(conv, x):
+        out = _fused_conv_relu(conv, x, cache)
         return pool(out) if pool is not None else out
     out = conv(x)
     if pool is None:
