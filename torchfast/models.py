@@ -39,6 +39,7 @@ class ComplexNetwork(plain.ComplexNetwork):
         self.classifier = plain.complex_network_classifier(num_classes)
         self.attention = MultiheadAttention(128, 8)
         self._weights_in_layout: dict = {}
+        self._contiguous_weights = False  # set by torchfast.sharded.fully_shard: FSDP2 wants contiguous
         self._set_conv_weight_layout()
 
     def _set_conv_weight_layout(self) -> None:

@@ -4,6 +4,10 @@ clip_grad_norm_ makes one multi-tensor pass to compute the norm and, only when i
 to scale; the coefficient min(max_norm / (norm + 1e-6), 1) stays on the grads' device (no host
 sync on CUDA).
 
+DTensor grads (FSDP2's fully_shard): one fused pass over each rank's local shards and one all-reduce
+per mesh for the norm, which comes back as a Replicate() DTensor, as torch's does; the scale runs on
+the local shards. Plain tensors beside DTensors are taken as replicated (as FSDP2 and DDP keep them).
+
 Non-finite gradients, the policy:
 - clip_grad_norm_ returns the (inf/NaN) norm; with error_if_nonfinite=True it raises, as torch
   does (which reads the norm on the host). Otherwise the grads are scaled as torch scales them
@@ -22,6 +26,7 @@ import torch
 from torch import Tensor
 
 from torchfast.ops import clip as ops
+from torchfast.sharded import dtensor as sharded
 
 _TensorOrTensors = Union[Tensor, Iterable[Tensor]]
 
@@ -44,19 +49,34 @@ def get_total_norm(tensors: _TensorOrTensors, norm_type: float = 2.0, error_if_n
     norm_type = float(norm_type)
     if not tensors:
         return torch.tensor(0.0)
+    has_dtensors = any(sharded.is_dtensor(t) for t in tensors)
+    if has_dtensors:
+        total = sharded.total_norm(tensors, norm_type, None, _total_norm_by_device)
+    else:
+        total = _total_norm_by_device(tensors, norm_type)
+    if error_if_nonfinite:
+        _raise_if_nonfinite(total, norm_type)
+    return sharded.replicated_like(total, tensors) if has_dtensors else total
+
+
+def _total_norm_by_device(tensors: list[Tensor], norm_type: float, dtype=None) -> Tensor:
+    """One kernel pass per device; the per-device norms combined on the first tensor's device."""
+    if not tensors:
+        return torch.tensor(0.0)
     first_device = tensors[0].device
     groups = _by_device(tensors)
     if len(groups) == 1:
-        total = ops.total_norm(tensors, norm_type)
-    else:
-        norms = [ops.total_norm(group, norm_type).to(first_device) for group in groups.values()]
-        total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
-    if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
+        return ops.total_norm(tensors, norm_type, dtype)
+    norms = [ops.total_norm(group, norm_type, dtype).to(first_device) for group in groups.values()]
+    return torch.linalg.vector_norm(torch.stack(norms), norm_type)
+
+
+def _raise_if_nonfinite(total: Tensor, norm_type: float) -> None:
+    if torch.logical_or(total.isnan(), total.isinf()):
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be "
             "clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
             "`error_if_nonfinite=False`")
-    return total
 
 
 @torch.no_grad()
@@ -65,9 +85,10 @@ def clip_grads_with_norm_(parameters: _TensorOrTensors, max_norm: float, total_n
     """Scale the grads of `parameters` by min(max_norm / (total_norm + 1e-6), 1), as
     torch.nn.utils.clip_grads_with_norm_."""
     parameters = [parameters] if isinstance(parameters, Tensor) else list(parameters)
-    grads = [p.grad for p in parameters if p.grad is not None]
+    grads = [sharded.local(p.grad) for p in parameters if p.grad is not None]
     if not grads:
         return
+    total_norm = sharded.plain_value(total_norm)
     for device, group in _by_device(grads).items():
         ops.clip_grads_with_norm_(group, total_norm.to(device, non_blocking=True), float(max_norm))
 

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from torchfast.ops import clip as clip_ops
 from torchfast.reference.clip import clip_coefficient
+from torchfast.sharded import dtensor as sharded
 
 
 def scalar_dtype() -> torch.dtype:
@@ -117,16 +118,26 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _step_group(self, index: int, group, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
         raise NotImplementedError
 
-    def _clip_coef(self, index: int, group, grads: list[Tensor], grad_scale: Optional[Tensor]) -> Optional[Tensor]:
-        """The clip coefficient for `group` (a device tensor), or None when it does not clip."""
+    def _clip_coef(self, index: int, group, grads: list[Tensor], grad_scale: Optional[Tensor],
+                   sharded_grads: Optional[list[Tensor]] = None) -> Optional[Tensor]:
+        """The clip coefficient for `group` (a device tensor), or None when it does not clip.
+
+        `grads` are what the kernel updates (local shards); `sharded_grads`, when the group holds
+        DTensors, the same grads as DTensors: their norm is the local pass plus one all-reduce."""
         max_norm = group.get("max_grad_norm")
         if max_norm is None or not grads:
             return None
-        norm = clip_ops.total_norm(grads, 2.0, torch.float32)  # fp32 even for fp16 grads: no overflow
+        if sharded_grads is not None:
+            norm = sharded.total_norm(sharded_grads, 2.0, torch.float32, clip_ops.total_norm)
+        else:
+            norm = clip_ops.total_norm(grads, 2.0, torch.float32)  # fp32 even for fp16 grads: no overflow
         if grad_scale is not None:
             norm = norm / grad_scale.to(device=norm.device, dtype=torch.float32)
         self.last_grad_norms[index] = norm
         return clip_coefficient(norm, float(max_norm))
+
+    def _check_dtensor(self, p: Tensor) -> None:
+        sharded.check_placements(p, f"torchfast.optim.{type(self).__name__}")
 
     def _reject_sparse(self, p: Tensor) -> None:
         raise RuntimeError(

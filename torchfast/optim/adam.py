@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from torchfast.ops import optim as ops
+from torchfast.sharded.dtensor import is_dtensor, local
 from torchfast.optim._base import (FusedOptimizer, check_lr, check_max_grad_norm, check_unsupported, lr_arguments,
                                    scalar_dtype)
 
@@ -40,11 +41,14 @@ class Adam(FusedOptimizer):
         super().__init__(params, defaults)
 
     def _group_tensors(self, group):
-        """The op's lists for the params of `group` that have a grad (state created on first use).
+        """The op's lists for the params of `group` that have a grad (state created on first use), and
+        the grads as the params hold them (DTensors under FSDP2, for the clipping norm) or None when
+        none is a DTensor. DTensor params enter the op as their local shards.
 
         One pass, bound methods hoisted: with thousands of parameters this loop is a visible part of
         the step."""
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
+        sharded_grads = None
         amsgrad = group["amsgrad"]
         state_of = self.state
         for p in group["params"]:
@@ -56,16 +60,29 @@ class Adam(FusedOptimizer):
             state = state_of[p]
             if not state:
                 self._init_state(state, p)
+            if amsgrad and "max_exp_avg_sq" not in state:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if is_dtensor(p):
+                if sharded_grads is None:
+                    sharded_grads = list(grads)  # the plain grads seen so far
+                sharded_grads.append(grad)
+                self._check_dtensor(p)
+                p, grad = p._local_tensor, local(grad)
+                exp_avgs.append(local(state["exp_avg"]))
+                exp_avg_sqs.append(local(state["exp_avg_sq"]))
+                if amsgrad:
+                    max_exp_avg_sqs.append(local(state["max_exp_avg_sq"]))
+            else:
+                if sharded_grads is not None:
+                    sharded_grads.append(grad)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                if amsgrad:
+                    max_exp_avg_sqs.append(state["max_exp_avg_sq"])
             params.append(p)
             grads.append(grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
-            if amsgrad:
-                if "max_exp_avg_sq" not in state:
-                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
-        return params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
+        return params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, sharded_grads
 
     @staticmethod
     def _init_state(state, p):
@@ -74,10 +91,10 @@ class Adam(FusedOptimizer):
         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def _step_group(self, index, group, grad_scale, found_inf):
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = self._group_tensors(group)
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, sharded_grads = self._group_tensors(group)
         if not params:
             return
-        clip_coef = self._clip_coef(index, group, grads, grad_scale)
+        clip_coef = self._clip_coef(index, group, grads, grad_scale, sharded_grads)
         lr, lr_tensor = lr_arguments(group["lr"], params[0].device)
         beta1, beta2 = group["betas"]
         ops.fused_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr, beta1=float(beta1),

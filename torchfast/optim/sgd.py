@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from torchfast.ops import optim as ops
+from torchfast.sharded.dtensor import is_dtensor, local
 from torchfast.optim._base import FusedOptimizer, check_lr, check_max_grad_norm, check_unsupported, lr_arguments
 
 
@@ -36,7 +37,10 @@ class SGD(FusedOptimizer):
         momentum = float(group["momentum"])
         # One pass: params with a momentum buffer take the ordinary update; the others (first
         # step, or a param that had no grad until now) start their buffer from the gradient.
+        # DTensor params (FSDP2) enter the kernel as their local shards; their grads as DTensors are
+        # kept for the clipping norm (`sharded_grads`, None while the group holds none).
         ongoing, ongoing_grads, buffers, starting, starting_grads = [], [], [], [], []
+        sharded_grads, starting_params = None, []
         state_of = self.state
         for p in group["params"]:
             grad = p.grad
@@ -45,18 +49,26 @@ class SGD(FusedOptimizer):
             if grad.is_sparse:
                 self._reject_sparse(p)
             buf = state_of[p].get("momentum_buffer") if momentum != 0 else None
+            if is_dtensor(p):
+                if sharded_grads is None:
+                    sharded_grads = ongoing_grads + starting_grads
+                sharded_grads.append(grad)
+                self._check_dtensor(p)
+            elif sharded_grads is not None:
+                sharded_grads.append(grad)
             if buf is None and momentum != 0:
-                starting.append(p)
-                starting_grads.append(grad)
+                starting_params.append(p)
+                starting.append(local(p))
+                starting_grads.append(local(grad))
             else:
-                ongoing.append(p)
-                ongoing_grads.append(grad)
+                ongoing.append(local(p))
+                ongoing_grads.append(local(grad))
                 if buf is not None:
-                    buffers.append(buf)
+                    buffers.append(local(buf))
         if not ongoing and not starting:
             return
         lr, lr_tensor = lr_arguments(group["lr"], (ongoing or starting)[0].device)
-        clip_coef = self._clip_coef(index, group, ongoing_grads + starting_grads, grad_scale)
+        clip_coef = self._clip_coef(index, group, ongoing_grads + starting_grads, grad_scale, sharded_grads)
         hyper = dict(lr=lr, momentum=momentum, dampening=float(group["dampening"]),
                      weight_decay=float(group["weight_decay"]), nesterov=bool(group["nesterov"]),
                      maximize=bool(group["maximize"]), lr_tensor=lr_tensor, grad_scale=grad_scale,
@@ -66,7 +78,7 @@ class SGD(FusedOptimizer):
         # A skipped AMP step must not leave uninitialised buffers behind: read found_inf on the host
         # here, which syncs only on the steps that create buffers (normally the first).
         if starting and not (found_inf is not None and bool(found_inf)):
-            new_buffers = [torch.empty_like(p, memory_format=torch.preserve_format) for p in starting]
-            ops.fused_sgd_(starting, starting_grads, new_buffers, is_first_step=True, **hyper)
-            for p, buf in zip(starting, new_buffers):
+            new_buffers = [torch.empty_like(p, memory_format=torch.preserve_format) for p in starting_params]
+            ops.fused_sgd_(starting, starting_grads, [local(b) for b in new_buffers], is_first_step=True, **hyper)
+            for p, buf in zip(starting_params, new_buffers):
                 state_of[p]["momentum_buffer"] = buf

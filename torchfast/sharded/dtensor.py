@@ -1,0 +1,108 @@
+"""DTensor parameters and gradients (FSDP2's `fully_shard`, tensor parallelism) for the fused kernels.
+
+The kernels work on plain tensors. A DTensor's local shard is one, and every op torchfast runs on
+parameters is elementwise (optimizer updates, clipping's scale) or a reduction whose per-rank parts
+combine exactly (the gradient norm), so the fused step runs on each rank's local shards in one call
+and, where a result spans the mesh, one collective finishes it.
+
+Placements: `Shard(d)` on a mesh dimension means that dimension's ranks hold disjoint pieces (their
+norms combine by sum of p-th powers, or max for inf); `Replicate()` means they hold the same values
+(nothing to combine). `Partial()` parameters or gradients (pending sums) are refused: their local
+values are not the values, so no elementwise update or local norm of them is correct.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+try:
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Replicate
+except ImportError:  # a torch built without distributed support has no DTensor
+    dist, DTensor, Replicate = None, None, None
+
+
+def is_dtensor(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: Tensor) -> Tensor:
+    """The tensor a kernel updates in place: a DTensor's local shard (its own storage, so in-place
+    updates reach the DTensor), a plain tensor itself. `_local_tensor` rather than `to_local()`: the
+    callers run under no_grad and `to_local()` goes through an autograd Function on every call."""
+    if is_dtensor(t):
+        return t._local_tensor
+    return t
+
+
+def check_placements(t: Tensor, what: str) -> None:
+    if any(p.is_partial() for p in t.placements):
+        raise ValueError(f"{what}: a DTensor with placements {tuple(t.placements)} holds pending partial sums, "
+                         "not values; redistribute it to Shard or Replicate placements first "
+                         "(dtensor.redistribute(mesh, [Replicate()]))")
+
+
+def _sharded_mesh_dims(t: Tensor) -> tuple[int, ...]:
+    return tuple(i for i, p in enumerate(t.placements) if p.is_shard())
+
+
+def total_norm(tensors: list[Tensor], norm_type: float, dtype: Optional[torch.dtype],
+               local_norm: Callable[[list[Tensor], float, Optional[torch.dtype]], Tensor]) -> Tensor:
+    """Norm of `tensors` (plain tensors and DTensors, one device) viewed as one vector, as a plain tensor
+    that every rank holds the same value of.
+
+    DTensors are grouped by (mesh, sharded mesh dims); each group takes one `local_norm` pass over its
+    local shards and one all-reduce per sharded mesh dimension (one collective in all under FSDP2's 1-D
+    mesh), of the p-th power sum (max for inf). Plain tensors are taken as they are on this rank
+    (replicated, as DDP and FSDP2 keep them)."""
+    plain: list[Tensor] = []
+    groups: dict[tuple, list[Tensor]] = defaultdict(list)
+    for t in tensors:
+        if is_dtensor(t):
+            check_placements(t, "gradient norm")
+            groups[(t.device_mesh, _sharded_mesh_dims(t))].append(t._local_tensor)
+        else:
+            plain.append(t)
+    norms = [local_norm(plain, norm_type, dtype)] if plain else []
+    for (mesh, sharded_dims), shards in groups.items():
+        norm = local_norm(shards, norm_type, dtype)
+        if sharded_dims:
+            norm = _reduce_over(norm, norm_type, [mesh.get_group(d) for d in sharded_dims])
+        norms.append(norm)
+    if len(norms) == 1:
+        return norms[0]
+    device = norms[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
+
+
+def _reduce_over(norm: Tensor, norm_type: float, process_groups) -> Tensor:
+    """The norm over all ranks of `process_groups` from each rank's local norm."""
+    if math.isinf(norm_type):
+        value = norm.clone()
+        for group in process_groups:
+            dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+        return value
+    # p-th powers in fp64 at least as wide as the norm: a sum of squares of fp32 norms keeps its digits
+    value = norm.double() ** norm_type if norm.dtype != torch.float64 else norm ** norm_type
+    for group in process_groups:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
+    return (value ** (1.0 / norm_type)).to(norm.dtype)
+
+
+def replicated_like(value: Tensor, tensors: list[Tensor]) -> Tensor:
+    """`value` as a Replicate() DTensor on the mesh of the first DTensor in `tensors` (what torch's
+    clip_grad_norm_ returns for DTensor grads), or `value` itself when there is none."""
+    for t in tensors:
+        if is_dtensor(t):
+            mesh = t.device_mesh
+            return DTensor.from_local(value, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return value
+
+
+def plain_value(t: Tensor) -> Tensor:
+    """A norm or coefficient as a plain tensor: a DTensor's full value."""
+    return t.full_tensor() if is_dtensor(t) else t
