@@ -401,6 +401,45 @@ def fused_layers_train_like_the_plain_stack():
 
 
 @check
+def trainer_resumes_exactly():
+    """Trainer(fsdp=True): 2 epochs straight equal 1 epoch, a DCP checkpoint, and a resumed second epoch
+    (ComplexNetwork with dropout and BatchNorm, shuffled sharded data, OneCycleLR, clipping in the step)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from torchfast.train import Trainer
+    from torchfast.train.callbacks import ModelCheckpoint
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 3, 8, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
+    folder = os.path.join(OUT, "trainer")
+
+    def make():
+        torch.manual_seed(0)
+        model = torchfast.models.ComplexNetwork(num_classes=3)
+        opt = torchfast.optim.AdamW(model.parameters(), lr=0.01)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.01, epochs=2, steps_per_epoch=4)
+        return Trainer(model, opt, nn.CrossEntropyLoss(), DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True),
+                       DataLoader(TensorDataset(x, y), batch_size=16), max_grad_norm=0.5, scheduler=schedule,
+                       scheduler_interval="batch", callbacks=[ModelCheckpoint(folder, monitor="val_accuracy", mode="max")],
+                       log=lambda *_: None, fsdp=True)
+
+    straight = make()
+    straight.fit(2)
+    make().fit(1)
+    assert os.path.isfile(os.path.join(folder, "last.dcp", "trainer.pt"))
+    torch.manual_seed(1234)  # the resumed run must not depend on the RNG state it starts with
+    resumed = make()
+    resumed.fit(2, resume_from=os.path.join(folder, "last.dcp"))
+    assert resumed.epoch == 2 and resumed.global_step == straight.global_step
+    for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert isinstance(p, DTensor) and torch.equal(p.to_local(), q.to_local()), f"{name} differs after resume"
+    for (name, b), c in zip(straight.model.named_buffers(), resumed.model.buffers()):
+        assert torch.equal(b, c), f"buffer {name} differs after resume"
+    untimed = [[{k: v for k, v in h.items() if k != "samples_per_s"} for h in t.history] for t in (straight, resumed)]
+    assert untimed[0] == untimed[1], untimed
+
+
+@check
 def partial_placements_are_refused():
     from torch.distributed.tensor import Partial
     mesh = init_device_mesh("cpu", (WORLD,))

@@ -65,3 +65,7 @@ def test_train_command_with_two_processes(tmp_path):
     assert summary["processes"] == 2 and summary["epochs"] == 1
     assert os.path.isfile(out / "checkpoints" / "last.pt")
     assert done.stdout.count("done: 1 epochs") == 1  # rank 0 alone reports
+    # every rank resumes from rank 0's checkpoint, though only rank 0 has a TensorBoard callback
+    again = run(["-m", "torchfast", "train", "--nproc", "2", "--epochs", "1", "--synthetic", "12", "--out",
+                 str(tmp_path / "again"), "--resume", str(out / "checkpoints" / "last.pt")], tmp_path)
+    assert again.returncode == 0 and json.load(open(tmp_path / "again" / "summary.json"))["epochs"] == 1

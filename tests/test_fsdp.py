@@ -19,7 +19,7 @@ CHECKS = [  # the names of fsdp_checks.CHECKS, listed so that collection needs n
     "optimizers_match_unsharded", "clipping_in_the_step_and_separately", "clip_grad_norm_matches_torch",
     "replicated_dtensors", "mixed_dtensor_and_plain_group", "dcp_save_load_continues_identically",
     "torch_optim_checkpoints_load_both_ways", "sharded_grad_scaler_skips_together",
-    "fused_layers_train_like_the_plain_stack", "partial_placements_are_refused",
+    "fused_layers_train_like_the_plain_stack", "trainer_resumes_exactly", "partial_placements_are_refused",
 ]
 
 
@@ -47,3 +47,33 @@ def results(tmp_path_factory):
 def test_check(results, name):
     for rank, result in enumerate(results):
         assert result.get(name) == "ok", f"rank {rank}: {result.get(name, 'not run')}"
+
+
+def run_cli(args, cwd):
+    env = {**os.environ, "PYTHONPATH": PKG_PARENT, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torchfast"] + args, capture_output=True, text=True, env=env,
+                          cwd=str(cwd), timeout=600)
+
+
+def test_train_command_sharded(tmp_path):
+    pytest.importorskip("sklearn")
+    out = tmp_path / "run"
+    done = run_cli(["train", "--fsdp", "--nproc", "2", "--epochs", "1", "--synthetic", "12", "--out", str(out)], tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.load(open(out / "summary.json"))
+    assert summary["processes"] == 2 and summary["sharding"] == "fsdp" and summary["epochs"] == 1
+    assert done.stdout.count("done: 1 epochs") == 1
+    last = out / "checkpoints" / "last.dcp"
+    assert (last / "trainer.pt").is_file() and not (out / "checkpoints" / "last.pt").exists()
+    from torchfast.deploy.from_run import load_run
+    trained = load_run(str(out))  # the sharded weights, read back whole in one process
+    assert trained.checkpoint.endswith(".dcp") and trained.model.features[0].weight.shape[1] == 3
+    again = run_cli(["train", "--fsdp", "--nproc", "2", "--epochs", "1", "--synthetic", "12", "--out",
+                     str(tmp_path / "again"), "--resume", str(last)], tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert json.load(open(tmp_path / "again" / "summary.json"))["epochs"] == 1  # already complete
+
+
+def test_fsdp_needs_processes(tmp_path):
+    done = run_cli(["train", "--fsdp", "--epochs", "1", "--synthetic", "12", "--out", str(tmp_path / "x")], tmp_path)
+    assert done.returncode == 2 and "--fsdp shards the model over processes: give --nproc 2 or more" in done.stderr

@@ -150,8 +150,11 @@ def _check_train_args(parser, args) -> None:
         parser.error(f"--lr must be positive, got {args.lr}")
     if args.amp == "fp16" and _train_device(args) == "cpu":
         parser.error("--amp fp16 needs a CUDA device (use --amp bf16 on the CPU)")
-    if args.resume is not None and not os.path.isfile(args.resume):
-        parser.error(f"--resume {args.resume}: no such checkpoint file")
+    if args.resume is not None and not (os.path.isfile(args.resume) or os.path.isdir(args.resume)
+                                        or os.path.isdir(args.resume + ".old")):
+        parser.error(f"--resume {args.resume}: no such checkpoint file (or sharded checkpoint directory)")
+    if args.fsdp and args.nproc < 2 and "RANK" not in os.environ:
+        parser.error("--fsdp shards the model over processes: give --nproc 2 or more")
 
 
 def _train(args) -> int:
@@ -171,7 +174,8 @@ def _train(args) -> int:
         torchrun(["--standalone", f"--nproc_per_node={args.nproc}", "-m", "torchfast"] + rest)
         return 0
     config = JobConfig(out=out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, amp=args.amp,
-                       eager=args.eager, synthetic=args.synthetic, resume=args.resume, seed=args.seed, device=device)
+                       eager=args.eager, synthetic=args.synthetic, resume=args.resume, seed=args.seed, device=device,
+                       fsdp=args.fsdp)
     try:
         summary = run(config)
     except ValueError as e:  # a run that cannot go on as asked (e.g. --resume with another schedule)
@@ -246,11 +250,15 @@ def main(argv=None) -> int:
     p_train.add_argument("--amp", choices=["bf16", "fp16"], help="mixed precision (fp16 needs a GPU)")
     p_train.add_argument("--eager", action="store_true", help="the same network from plain torch modules")
     p_train.add_argument("--synthetic", type=int, metavar="SIZE", help="random SIZExSIZE RGB images instead of digits")
-    p_train.add_argument("--resume", metavar="PATH", help="continue from a checkpoint (e.g. RUN/checkpoints/last.pt)")
+    p_train.add_argument("--resume", metavar="PATH", help="continue from a checkpoint (e.g. RUN/checkpoints/last.pt, "
+                         "or last.dcp of an --fsdp run)")
     p_train.add_argument("--seed", type=int, default=0)
     p_train.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p_train.add_argument("--nproc", type=int, default=1,
                          help="processes for DistributedDataParallel (launched through torch.distributed.run)")
+    p_train.add_argument("--fsdp", action="store_true",
+                         help="shard parameters, gradients and optimizer state over the --nproc processes (FSDP2) "
+                              "instead of DDP; checkpoints are torch.distributed.checkpoint directories (*.dcp)")
     p_export = sub.add_parser("export", help="deploy a `torchfast train` run: ONNX export, optional pruning and "
                                              "int8 quantization, verified and measured")
     p_export.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT")

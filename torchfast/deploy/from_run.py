@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,6 +19,7 @@ from torchfast.deploy.quantization import METHODS as QUANTIZE_METHODS
 from torchfast.deploy.quantization import quantize
 from torchfast.train import data
 from torchfast.train.checkpoint import load_checkpoint
+from torchfast.train.fsdp import TRAINER_STATE
 
 
 class ExportError(RuntimeError):
@@ -34,23 +36,39 @@ class TrainedRun:
 
 
 def _checkpoint_path(path: str) -> tuple[str, Optional[str]]:
-    """(checkpoint file, run directory or None) for a run directory or a checkpoint file."""
-    if os.path.isdir(path):
-        for name in ("best.pt", "last.pt"):
+    """(checkpoint file or sharded checkpoint directory, run directory or None) for a run directory or
+    a checkpoint."""
+    if os.path.isdir(path) and not _is_sharded_checkpoint(path):
+        for name in ("best.pt", "last.pt", "best.dcp", "last.dcp"):
             candidate = os.path.join(path, "checkpoints", name)
-            if os.path.isfile(candidate):
+            if os.path.isfile(candidate) or _is_sharded_checkpoint(candidate):
                 return candidate, path
-        raise ExportError(f"{path}: no checkpoints/best.pt or checkpoints/last.pt: not a `torchfast train` run directory")
+        raise ExportError(f"{path}: no checkpoints/best.pt or checkpoints/last.pt (or best.dcp/last.dcp of an --fsdp "
+                          "run): not a `torchfast train` run directory")
     if not os.path.exists(path):
         raise ExportError(f"{path}: no such run directory or checkpoint")
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
     return path, run_dir if os.path.isfile(os.path.join(run_dir, "summary.json")) else None
 
 
+def _is_sharded_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, TRAINER_STATE))
+
+
+def _sharded_weights(path: str) -> dict:
+    """The whole state of a sharded (torch.distributed.checkpoint) checkpoint, read in this one process."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        whole = os.path.join(tmp, "whole.pt")
+        dcp_to_torch_save(path, whole)
+        return torch.load(whole, weights_only=True)
+
+
 def load_run(path: str) -> TrainedRun:
     checkpoint, run_dir = _checkpoint_path(path)
     try:
-        state = load_checkpoint(checkpoint)
+        state = _sharded_weights(checkpoint) if _is_sharded_checkpoint(checkpoint) else load_checkpoint(checkpoint)
     except (RuntimeError, FileNotFoundError) as e:
         raise ExportError(str(e)) from None
     weights = state.get("model")

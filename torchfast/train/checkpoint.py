@@ -36,6 +36,12 @@ def save_checkpoint(state: dict, path: str) -> str:
 
 
 def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
+    """The checkpoint at `path`; for a sharded checkpoint (a directory, train/fsdp.py) the Trainer state
+    beside its model and optimizer shards."""
+    for folder in (path, path + ".old"):  # .old: where a sharded checkpoint's swap may have left it
+        if os.path.isdir(folder):
+            path = os.path.join(folder, "trainer.pt")
+            break
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     try:

@@ -29,6 +29,7 @@ class JobConfig:
     amp: Optional[str] = None
     eager: bool = False  # the same network from plain torch modules and torch.optim, to compare speed
     synthetic: Optional[int] = None  # image size of random data instead of digits
+    fsdp: bool = False  # shard with FSDP2 instead of DDP (under torchrun: --nproc N)
     resume: Optional[str] = None
     seed: int = 0
     device: str = "cpu"
@@ -71,7 +72,7 @@ def run(config: JobConfig, log=print) -> dict:
     trainer = Trainer(model, optimizer, nn.CrossEntropyLoss(), train_loader, val_loader, device=config.device,
                       amp=config.amp, max_grad_norm=config.max_grad_norm, scheduler=scheduler,
                       scheduler_interval="batch", callbacks=callbacks, checkpoint_dir=checkpoints, log=log,
-                      progress=config.progress)
+                      progress=config.progress, fsdp=config.fsdp)
     start = time.perf_counter()
     try:
         history = trainer.fit(config.epochs, resume_from=config.resume)
@@ -89,6 +90,7 @@ def run(config: JobConfig, log=print) -> dict:
         "model": "plain torch" if config.eager else "torchfast", "data": "synthetic" if config.synthetic else "digits",
         "image_size": config.synthetic or 8,
         "amp": config.amp, "device": config.device, "processes": info.world_size,
+        "sharding": "fsdp" if config.fsdp else ("ddp" if info.enabled else None),
         "out": os.path.abspath(config.out),
     }
     if info.is_main:

@@ -17,6 +17,7 @@ from torchfast.nn.utils import clip_grad_norm_
 from torchfast.optim._base import FusedOptimizer
 from torchfast.train.callbacks import Callback
 from torchfast.train import distributed
+from torchfast.train import fsdp as sharding
 from torchfast.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 AMP_MODES = (None, "bf16", "fp16")
@@ -38,13 +39,21 @@ class Trainer:
         after every epoch ("epoch").
     metric: f(outputs, targets) -> float for validation (default: accuracy); None for loss only.
     checkpoint_dir: where Ctrl-C writes `interrupted.pt`, a resumable checkpoint (a resumed run
-        restarts the interrupted epoch from its first batch with the weights reached so far).
+        restarts the interrupted epoch from its first batch with the weights reached so far); not
+        under fsdp, whose checkpoint is a collective that interrupted ranks cannot be relied on to enter.
 
     checkpoint_modules: submodules whose activations are recomputed in backward instead of stored
         (torch.utils.checkpoint, non-reentrant): less memory for more compute.
 
     Under torchrun (WORLD_SIZE > 1) it trains with DistributedDataParallel: see train/distributed.py.
     Each rank's batch is train_loader's batch size, so the global batch is world_size times it.
+
+    fsdp=True (under torchrun) shards the model with FSDP2 instead of DDP: `fsdp_units` (default:
+    torchfast.sharded.fsdp.default_units) and then the model are fully_shard-ed, the optimizer (built
+    on the unsharded model, not yet stepped) is pointed at the sharded parameters, buffers are synced
+    from rank 0 after each epoch (as DDP keeps them), fp16 uses torchfast.sharded.ShardedGradScaler,
+    and checkpoints are torch.distributed.checkpoint directories (`x.pt` is written as `x.dcp`; see
+    train/fsdp.py) that resume exactly.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable,
@@ -52,7 +61,8 @@ class Trainer:
                  amp: Optional[str] = None, grad_accum_steps: int = 1, max_grad_norm: Optional[float] = None,
                  scheduler=None, scheduler_interval: str = "epoch", metric: Optional[Callable] = accuracy,
                  callbacks: Iterable[Callback] = (), checkpoint_dir: Optional[str] = None, log: Callable = print,
-                 progress: Optional[bool] = None, checkpoint_modules: Iterable[nn.Module] = ()):
+                 progress: Optional[bool] = None, checkpoint_modules: Iterable[nn.Module] = (),
+                 fsdp: bool = False, fsdp_units: Optional[Iterable[nn.Module]] = None):
         if amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
         if grad_accum_steps < 1:
@@ -65,12 +75,19 @@ class Trainer:
         for module in checkpoint_modules:
             _checkpoint_activations(module)
         self.dist = distributed.from_environment()
+        if fsdp and not self.dist.enabled:
+            raise ValueError("fsdp=True shards the model over the processes of torchrun (WORLD_SIZE >= 2), got "
+                             f"WORLD_SIZE={self.dist.world_size}; run `torchfast train --fsdp --nproc N` or torchrun")
+        self.fsdp = fsdp
         self.device = distributed.setup(self.dist, self.device)
         model.to(self.device)  # in place: the optimizer keeps the same Parameter objects
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.train_loader, self.val_loader = train_loader, val_loader
         self.train_model = model  # what the training forward runs: the model, or its DDP wrapper
-        if self.dist.enabled:
+        if fsdp:
+            sharding.shard(model, optimizer, fsdp_units)
+            self.train_loader = distributed.shard_loader(train_loader, self.dist)
+        elif self.dist.enabled:
             self.train_model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             self.train_loader = distributed.shard_loader(train_loader, self.dist)
@@ -81,7 +98,11 @@ class Trainer:
         self.log = log if self.dist.is_main else (lambda *_: None)
         # a progress bar with loss and samples/s, by default only when stderr is a terminal
         self.progress = (sys.stderr.isatty() if progress is None else progress) and self.dist.is_main
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
+        if fsdp:  # found_inf all-reduced: every rank skips the same steps and keeps one scale
+            from torchfast.sharded import ShardedGradScaler
+            self.scaler = ShardedGradScaler(self.device.type, enabled=amp == "fp16")
+        else:
+            self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
         self.epoch = 0  # epochs completed
         self.global_step = 0  # optimizer steps taken
         self.history: list[dict] = []
@@ -93,37 +114,54 @@ class Trainer:
     # ---- state --------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
+        """The full state (under fsdp without model and optimizer, which DCP writes as shards)."""
+        weights = {} if self.fsdp else {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
         return {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            **weights,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict(), "epoch": self.epoch, "global_step": self.global_step,
             "history": self.history, "rng": rng_state(),
             "callbacks": [c.state_dict() for c in self.callbacks],
+            "callback_types": [type(c).__name__ for c in self.callbacks],
         }
 
     def load_state_dict(self, state: dict) -> None:
-        try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise RuntimeError(f"the checkpoint does not match this model/optimizer: {e}") from e
+        if not self.fsdp:
+            try:
+                self.model.load_state_dict(state["model"])
+                self.optimizer.load_state_dict(state["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise RuntimeError(f"the checkpoint does not match this model/optimizer: {e}") from e
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         self.history = list(state.get("history", []))
-        for cb, cb_state in zip(self.callbacks, state.get("callbacks", [])):
+        for cb, cb_state in _match_callbacks(self.callbacks, state):
             cb.load_state_dict(cb_state)
-        set_rng_state(state["rng"])
+        if "rng" in state:
+            set_rng_state(state["rng"])
 
     def save_checkpoint(self, path: str) -> str:
-        """Writes the full state to `path` (rank 0 only under DDP: the ranks hold the same state)."""
+        """Writes the full state to `path` (rank 0 only under DDP: the ranks hold the same state; every
+        rank under fsdp, into the directory sharding.checkpoint_dir(path)); returns where it went."""
+        if self.fsdp:
+            state = self.state_dict()
+            del state["rng"]  # every rank's, inside
+            return sharding.save(self.model, self.optimizer, state, sharding.checkpoint_dir(path))
         if self.dist.is_main:
             save_checkpoint(self.state_dict(), path)
         return path
 
     def resume(self, path: str) -> None:
+        if self.fsdp:
+            try:
+                state = sharding.load(self.model, self.optimizer, path)
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise RuntimeError(f"the checkpoint {path!r} does not match this model/optimizer: {e}") from e
+            self.load_state_dict(state)
+            return
         self.load_state_dict(load_checkpoint(path, map_location=self.device))
 
     # ---- loop ---------------------------------------------------------------------------------
@@ -210,9 +248,14 @@ class Trainer:
         self.should_stop = False
         try:
             while self.epoch < epochs and not self.should_stop:
-                metrics = {"epoch": self.epoch + 1, **self.train_epoch(), **self.validate(),
+                train_metrics = self.train_epoch()
+                if self.fsdp:
+                    sharding.sync_buffers(self.model)
+                metrics = {"epoch": self.epoch + 1, **train_metrics, **self.validate(),
                            "lr": self.optimizer.param_groups[0]["lr"]}
                 metrics = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
+                if self.fsdp:
+                    metrics = sharding.same_on_all_ranks(metrics)
                 if self.scheduler is not None and self.scheduler_interval == "epoch":
                     self.scheduler.step()
                 self.epoch += 1
@@ -222,12 +265,29 @@ class Trainer:
                 self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                   for k, v in metrics.items()))
         except KeyboardInterrupt:
-            if self.checkpoint_dir is not None and self.dist.is_main:
+            if self.checkpoint_dir is not None and self.dist.is_main and not self.fsdp:
                 path = self.save_checkpoint(os.path.join(self.checkpoint_dir, "interrupted.pt"))
                 self.log(f"interrupted: resumable checkpoint written to {path}")
             raise
         return self.history
 
+
+
+def _match_callbacks(callbacks: list, state: dict) -> list:
+    """(callback, its saved state) pairs, matched by type in order: the ranks of a distributed run do not
+    all hold the same callbacks (only rank 0 writes TensorBoard logs), yet all load rank 0's checkpoint."""
+    states = state.get("callbacks", [])
+    types = state.get("callback_types")
+    if types is None:  # a checkpoint from before the types were saved
+        return list(zip(callbacks, states))
+    pairs, used = [], set()
+    for cb in callbacks:
+        for i, name in enumerate(types):
+            if i not in used and name == type(cb).__name__:
+                used.add(i)
+                pairs.append((cb, states[i]))
+                break
+    return pairs
 
 
 def _progress_bar(iterable, description: str):
