@@ -73,3 +73,23 @@ def test_models_report_rows_and_profiles():
     rows, prof, copy_share = bm.train_report(batch=2, size=16, rounds=1)
     assert rows[1]["impl"] == "torchfast + torchfast AdamW" and 0 <= copy_share < 1
     assert "%" in bm.format_profile("x", prof) and "| train step" in bm.format_rows(rows)
+
+
+def test_sharded_report_times_every_implementation_and_counts_collectives():
+    import torch
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed not available")
+    from torchfast import bench_sharded
+
+    report = bench_sharded.sharded_report(nproc=2, rounds=1, warmup=0, kinds=("adamw", "sgd_momentum"))
+    rows = report["rows"]
+    assert report["world_size"] == 2
+    whats = {(r["what"], r["impl"]) for r in rows}
+    for what in ("adamw step", "sgd_momentum step"):
+        assert {(what, impl) for impl in ("torch-foreach", "torch-fused", "torchfast")} <= whats
+    for r in rows:
+        if r["impl"] == "torchfast":
+            assert r["median_ms"] > 0 and r["local_params"] > 0
+        if r["what"] in ("clip_grad_norm_", "clip + adamw step") and r["impl"] == "torchfast":
+            assert r["collectives"] == 1  # one all-reduce for the whole norm, not one per tensor
+    assert "| clip_grad_norm_ | resnet18 | torchfast |" in bench_sharded.format_table(rows)

@@ -98,12 +98,15 @@ def optimizer_report(device="cpu", rounds=20, warmup=3, cases=tuple(CASES), kind
     return rows
 
 
-def _interleaved_medians(fns: dict, device, rounds: int, warmup: int) -> dict:
-    """Median seconds of each callable, timed round by round in turn (noise hits all alike)."""
+def _interleaved_medians(fns: dict, device, rounds: int, warmup: int, before: Callable = None) -> dict:
+    """Median seconds of each callable, timed round by round in turn (noise hits all alike);
+    `before()` runs ahead of each call, untimed (a barrier, for ranks that must start together)."""
     cuda = torch.device(device).type == "cuda"
     times = {name: [] for name in fns}
     for r in range(warmup + rounds):
         for name, fn in fns.items():
+            if before is not None:
+                before()
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()

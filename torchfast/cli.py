@@ -105,6 +105,15 @@ def _bench(args) -> int:
         print(bm.format_profile("torchfast train step, top ops (self CPU)", train_prof))
         print(bm.format_profile("torchfast train step under bf16 autocast, top ops", amp_prof))
         print(f"aten::copy_ in the torchfast train step: {100 * copy_share:.1f}% of self CPU time\n")
+    if "fsdp" in args.suites:
+        from torchfast import bench_sharded
+
+        rounds = max(5, args.rounds // 2)
+        sharded = report["fsdp"] = bench_sharded.sharded_report(nproc=args.fsdp_nproc, rounds=rounds)
+        print(f"\nSharded (FSDP2 fully_shard), ResNet-18 parameter set over {sharded['world_size']} processes, "
+              f"fp32, {sharded['device']}, torch {sharded['torch']}; the slowest rank's median of {rounds} "
+              "interleaved rounds; all-reduces counted over one call.\n")
+        print(bench_sharded.format_table(sharded["rows"]) + "\n")
     if "deploy" in args.suites:
         from torchfast import bench_deploy
 
@@ -221,10 +230,12 @@ def main(argv=None) -> int:
     p_bench.add_argument("--optimizers", nargs="+", default=["adam", "adamw", "sgd_momentum"],
                          choices=["adam", "adamw", "sgd_momentum"])
     p_bench.add_argument("--suites", nargs="+", default=["optim", "clip", "norm", "attention"],
-                         choices=["optim", "clip", "norm", "attention", "models", "deploy"],
+                         choices=["optim", "clip", "norm", "attention", "models", "deploy", "fsdp"],
                          help="optimizer steps, gradient clipping, fused batch norm / ResidualBlock, attention; "
                               "models (whole ComplexNetwork, inference and train step, with profiles); deploy "
-                              "(ONNX and int8 inference, not in the default set: it trains and compiles)")
+                              "(ONNX and int8 inference, not in the default set: it trains and compiles); fsdp "
+                              "(optimizer step and clipping on FSDP2 shards, in --fsdp-nproc processes)")
+    p_bench.add_argument("--fsdp-nproc", type=int, default=2, metavar="N", help="processes for --suites fsdp")
     p_bench.add_argument("--job-runs", type=int, default=0, metavar="N",
                          help="with --suites models: also time N runs each of `torchfast train` and `--eager`")
     p_bench.add_argument("--deploy-models", nargs="+", default=["digits", "complexnet", "resblock256"],
