@@ -9,7 +9,7 @@ GFLOP/s, ratios measured interleaved in one run) and the peak-memory table.
 import pytest
 import torch
 
-from torchfast import bench_attention as ba
+from torchfast.bench import attention as ba
 
 
 @pytest.mark.parametrize("L", [512, 2048])

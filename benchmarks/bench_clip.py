@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import torchfast
-from torchfast import bench
+from torchfast.bench import optim as bench
 
 
 @pytest.mark.parametrize("impl", ["torch", "torchfast"])

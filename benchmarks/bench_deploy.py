@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from torchfast import bench_deploy  # noqa: E402
+from torchfast.bench import deploy as bench_deploy  # noqa: E402
 from torchfast.deploy import OrtModule, export_onnx, quantize  # noqa: E402
 
 VARIANTS = ["torch eager", "onnxruntime fp32", "onnx-static int8"]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import torchfast
-from torchfast import bench_models as bm
+from torchfast.bench import models as bm
 
 
 @pytest.mark.parametrize("impl", ["plain", "torchfast"])

@@ -9,7 +9,7 @@ extra_info. `torchfast bench` prints the same comparison as one interleaved tabl
 import pytest
 import torch
 
-from torchfast import bench
+from torchfast.bench import optim as bench
 
 
 @pytest.mark.parametrize("impl", bench.IMPLS)

@@ -1,5 +1,5 @@
 """Sharded training: the optimizer step and clipping on FSDP2 shards (2 processes), torchfast vs
-torch.optim foreach / fused, from torchfast.bench_sharded.
+torch.optim foreach / fused, from torchfast.bench.sharded.
 
     pytest benchmarks/bench_sharded.py --benchmark-only
 
@@ -7,7 +7,7 @@ The steps run in other processes, so pytest-benchmark's own timing here is the w
 each implementation's median (the slowest rank's) and the all-reduces per clip are in extra_info.
 `torchfast bench --suites fsdp` prints the same rows as a table.
 """
-from torchfast import bench_sharded
+from torchfast.bench import sharded as bench_sharded
 
 
 def test_sharded_step_and_clip(benchmark):

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from torchfast import bench_attention as ba
+from torchfast.bench import attention as ba
 from torchfast import cli
 
 
@@ -23,7 +23,7 @@ def test_attention_bench_cli_writes_tables_and_json(tmp_path, capsys):
 
 def test_norm_report_rows_dtype_and_layouts():
     import torch
-    from torchfast import bench
+    from torchfast.bench import norm as bench
     rows = bench.norm_report(rounds=1, warmup=0, batch=2, channels=8, size=4, dtype=torch.bfloat16,
                              with_compile=False)
     by = {(r["bench"], r["impl"]): r for r in rows}
@@ -50,7 +50,7 @@ def test_flash_memory_grows_linearly_and_eager_quadratically():
 def test_deploy_report_measures_every_variant(tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from torchfast import bench_deploy
+    from torchfast.bench import deploy as bench_deploy
 
     report = bench_deploy.deploy_report(models=["complexnet"], methods=["dynamic"], batches=(1, 3), rounds=2,
                                         log=lambda *_: None, workdir=str(tmp_path))
@@ -64,7 +64,7 @@ def test_deploy_report_measures_every_variant(tmp_path):
 
 
 def test_models_report_rows_and_profiles():
-    from torchfast import bench_models as bm
+    from torchfast.bench import models as bm
 
     rows, prof = bm.inference_report(batch=2, size=16, rounds=1, with_onnx=False)
     assert [r["impl"] for r in rows] == ["plain eager", "plain eager, channels_last input", "torchfast"]
@@ -79,7 +79,7 @@ def test_sharded_report_times_every_implementation_and_counts_collectives():
     import torch
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed not available")
-    from torchfast import bench_sharded
+    from torchfast.bench import sharded as bench_sharded
 
     report = bench_sharded.sharded_report(nproc=2, rounds=1, warmup=0, kinds=("adamw", "sgd_momentum"))
     rows = report["rows"]
@@ -93,3 +93,25 @@ def test_sharded_report_times_every_implementation_and_counts_collectives():
         if r["what"] in ("clip_grad_norm_", "clip + adamw step") and r["impl"] == "torchfast":
             assert r["collectives"] == 1  # one all-reduce for the whole norm, not one per tensor
     assert "| clip_grad_norm_ | resnet18 | torchfast |" in bench_sharded.format_table(rows)
+
+
+def test_report_writes_results_and_one_plot_per_suite(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    folder = tmp_path / "report"
+    assert cli.main(["bench", "--suites", "optim", "clip", "--cases", "resnet18", "--optimizers", "adamw",
+                     "--rounds", "2", "--report", str(folder)]) == 0
+    text = (folder / "RESULTS.md").read_text()
+    for needed in ("torch " + __import__("torch").__version__, "commit ", "command: `torchfast bench --suites optim clip",
+                   "## CPU figures", "### optim", "![optim](optim.png)", "### clip", "| adamw | resnet18 (62 tensors) |"):
+        assert needed in text, needed
+    for suite in ("optim", "clip"):
+        png = (folder / f"{suite}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert "report: " in capsys.readouterr().out
+
+
+def test_timings_band_brackets_the_per_round_ratio():
+    from torchfast.bench.timing import Timings
+
+    t = Timings({"a": [1.0, 2.0, 3.0, 4.0, 5.0], "base": [1.0, 1.0, 1.0, 1.0, 1.0]})
+    assert t["a"] == 3.0 and t.band("a", "base") == (2.0, 4.0) and t.band("base", "base") == (1.0, 1.0)

@@ -111,3 +111,18 @@ def test_each_cpu_library_is_correct(isa):
     out = run_python(code, ATEN_CPU_CAPABILITY=isa)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[0] == f"_cpu_{isa}"
+
+
+def test_every_subpackage_is_installed():
+    """pyproject.toml lists the packages pip installs: a new folder of torchfast missing there would be
+    absent from a `pip install .` though present in this checkout."""
+    import tomllib
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pyproject = os.path.join(root, "pyproject.toml")
+    if not os.path.isfile(pyproject):
+        pytest.skip("not run from a checkout")
+    listed = set(tomllib.load(open(pyproject, "rb"))["tool"]["setuptools"]["packages"])
+    found = {os.path.relpath(d, root).replace(os.sep, ".") for d, _, files in os.walk(os.path.join(root, "torchfast"))
+             if "__init__.py" in files and "__pycache__" not in d}
+    assert found <= listed, f"packages missing from pyproject.toml: {sorted(found - listed)}"

@@ -34,97 +34,31 @@ def _print_info(as_json: bool) -> int:
 
 
 def _bench(args) -> int:
-    import platform
-
     import torch
 
-    from torchfast import bench
+    from torchfast.bench import suites
 
-    device = args.device
-    if device == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("torchfast bench: --device cuda asked for, but no GPU is available", file=sys.stderr)
         return 2
-    where = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()}, " \
-        f"{torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}"
-    report = {}
-    if "optim" in args.suites:
-        rows = report["optim"] = bench.optimizer_report(device=device, rounds=args.rounds, cases=args.cases,
-                                                        kinds=args.optimizers)
-        print(f"Optimizer step, fp32, {device} ({where}), torch {torch.__version__}, median of {args.rounds} "
-              "interleaved rounds; GB/s counts 28 B/param for Adam(W), 20 for SGD-momentum.\n")
-        print(bench.format_table(rows) + "\n")
-    if "clip" in args.suites:
-        rows = report["clip"] = bench.clip_report(device=device, rounds=args.rounds)
-        print(f"Gradient clipping, ResNet-18 parameter set, fp32, {device} ({where}), median of {args.rounds} "
-              "interleaved rounds; GB/s counts 4 B/param per pass (clip_grad_norm_: 1 pass, 3 when it clips; "
-              "clipped Adam: 32 B/param).\n")
-        print(bench.format_clip_table(rows) + "\n")
-    if "norm" in args.suites:
-        n, c, hw = args.norm_shape or ((128, 64, 56) if device == "cuda" else (32, 64, 32))
-        name = args.norm_dtype or ("bf16" if device == "cuda" else "fp32")
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-        rows = report["norm"] = bench.norm_report(device=device, rounds=max(5, args.rounds // 2), batch=n,
-                                                  channels=c, size=hw, dtype=dtype, with_compile=not args.no_compile)
-        print(f"Batch norm + add + ReLU (batch {n}, {c} channels, {hw}x{hw}, {name}) and the cheat sheet's "
-              f"ResidualBlock, {device} ({where}), median of {max(5, args.rounds // 2)} interleaved rounds; GB/s "
-              f"counts 11 tensor passes of {dtype.itemsize} B per element for the BN forward+backward.\n")
-        print(bench.format_norm_table(rows) + "\n")
-    if "attention" in args.suites:
-        from torchfast import bench_attention as ba
-        cuda = device == "cuda"
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
-            args.attn_dtype or ("bf16" if cuda else "fp32")]
-        lengths = args.attn_lengths or ([1024, 4096, 16384] if cuda else [512, 2048])
-        rounds = max(3, args.rounds // 4)
-        for D in args.attn_head_dims:
-            rows = report.setdefault("attention", [])
-            new = ba.attention_report(device=device, rounds=rounds, lengths=lengths, D=D, dtype=dtype)
-            rows += [dict(r, D=D, dtype=str(dtype)) for r in new]
-            print(f"Attention, B=4, H=8, D={D}, {dtype}, {device} ({where}), median of {rounds} interleaved rounds; "
-                  "GFLOP/s counts the matmuls (2 GEMMs forward, 7 forward+backward).\n")
-            print(ba.format_attention_table(new) + "\n")
-        mem_lengths = args.attn_memory_lengths or ([1024, 4096, 16384] if cuda else [512, 2048, 8192])
-        rows = report["attention_memory"] = ba.memory_report(device=device, lengths=mem_lengths)
-        print(f"Attention peak extra memory, forward+backward, B=4, H=8, D=64, fp32, {device}.\n")
-        print(ba.format_memory_table(rows) + "\n")
-    if "models" in args.suites:
-        from torchfast import bench_models as bm
-
-        rounds = max(5, args.rounds // 2)
-        rows, infer_prof = bm.inference_report(rounds=rounds)
-        train_rows, train_prof, copy_share = bm.train_report(rounds=rounds)
-        amp_rows, amp_prof, _ = bm.train_report(rounds=rounds, amp=True)
-        rows += train_rows + amp_rows
-        if args.job_runs:
-            rows += bm.job_report(runs=args.job_runs)
-        report["models"] = rows
-        print(f"\nWhole model: the cheat sheet's ComplexNetwork, plain torch vs torchfast, CPU ({where}), torch "
-              f"{torch.__version__}, median of {rounds} interleaved rounds.\n")
-        print(bm.format_rows(rows) + "\n")
-        print(bm.format_profile("torchfast inference, top ops (self CPU)", infer_prof))
-        print(bm.format_profile("torchfast train step, top ops (self CPU)", train_prof))
-        print(bm.format_profile("torchfast train step under bf16 autocast, top ops", amp_prof))
-        print(f"aten::copy_ in the torchfast train step: {100 * copy_share:.1f}% of self CPU time\n")
-    if "fsdp" in args.suites:
-        from torchfast import bench_sharded
-
-        rounds = max(5, args.rounds // 2)
-        sharded = report["fsdp"] = bench_sharded.sharded_report(nproc=args.fsdp_nproc, rounds=rounds)
-        print(f"\nSharded (FSDP2 fully_shard), ResNet-18 parameter set over {sharded['world_size']} processes, "
-              f"fp32, {sharded['device']}, torch {sharded['torch']}; the slowest rank's median of {rounds} "
-              "interleaved rounds; all-reduces counted over one call.\n")
-        print(bench_sharded.format_table(sharded["rows"]) + "\n")
-    if "deploy" in args.suites:
-        from torchfast import bench_deploy
-
-        rounds = max(5, args.rounds // 2)
-        report["deploy"] = bench_deploy.deploy_report(models=args.deploy_models, rounds=rounds)
-        print(f"\nDeployment, CPU ({where}), torch {torch.__version__}, median of {rounds} interleaved rounds; "
-              "x = latency relative to the plain-torch network in eager fp32.\n")
-        print(bench_deploy.format_report(report["deploy"]) + "\n")
+    options = suites.Options(**{name: getattr(args, name) for name in suites.Options.__dataclass_fields__})
+    done, report = [], {}
+    for name in [s for s in suites.SUITES if s in args.suites]:
+        suite = suites.RUNNERS[name](options)
+        print(suite.text())
+        done.append(suite)
+        if name == "attention":
+            report.update(suite.rows)
+        else:
+            report[name] = suite.rows
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
+    if args.report:
+        from torchfast.bench import report as bench_report
+
+        path = bench_report.write(args.report, done, args.command_line, args.device)
+        print(f"report: {path} (and one plot per suite beside it)")
     return 0
 
 
@@ -253,6 +187,8 @@ def main(argv=None) -> int:
     p_bench.add_argument("--no-compile", action="store_true",
                          help="leave out the torch.compile rows (their compilation takes minutes on a cold cache)")
     p_bench.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    p_bench.add_argument("--report", metavar="DIR", help="also write DIR/RESULTS.md (machine, torch, commit, command, "
+                         "the tables) and DIR/<suite>.png (ratio plots with the noise band across rounds)")
     p_train = sub.add_parser("train", help="train ComplexNetwork (fused layers) on scikit-learn's digits")
     p_train.add_argument("--out", help="run directory (default: runs/<timestamp>)")
     p_train.add_argument("--epochs", type=int, default=12)
@@ -280,6 +216,7 @@ def main(argv=None) -> int:
     p_export.add_argument("--opset", type=int, help="ONNX opset (default 18; 23 uses the Attention node)")
     p_export.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo")
     args = parser.parse_args(argv)
+    args.command_line = "torchfast " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.command == "export":
         return _export(args)
     if args.command == "train":

@@ -33,15 +33,16 @@ def accuracy(run: Callable, loader: Iterable) -> float:
 def latencies(variants: list, inputs: tuple, rounds: int = 15, warmup: int = 2) -> dict:
     """Median seconds per call of each variant on `inputs`, the variants taking turns each round
     (so that the machine's noise falls on all of them alike)."""
-    from torchfast.bench import _interleaved_medians
+    from torchfast.bench.timing import interleaved_medians
 
     with torch.no_grad():
-        return _interleaved_medians({v.name: (lambda v=v: v.run(*inputs)) for v in variants}, "cpu", rounds, warmup)
+        return interleaved_medians({v.name: (lambda v=v: v.run(*inputs)) for v in variants}, "cpu", rounds, warmup)
 
 
 def compare(variants: list, inputs_by_batch: dict, loader: Optional[Iterable] = None, rounds: int = 15) -> list:
-    """One row per variant: {"variant", "size_mb", "accuracy", "ms@<b>", "x@<b>"} where x is the
-    latency relative to the first variant (the baseline) at that batch size."""
+    """One row per variant: {"variant", "size_mb", "accuracy", "ms@<b>", "x@<b>", "band@<b>"} where x is
+    the latency relative to the first variant (the baseline) at that batch size and band the 25-75%
+    range of that ratio round by round."""
     rows = [{"variant": v.name, "size_mb": v.size_bytes / 1e6} for v in variants]
     for b, inputs in inputs_by_batch.items():
         t = latencies(variants, inputs, rounds=rounds)
@@ -49,6 +50,7 @@ def compare(variants: list, inputs_by_batch: dict, loader: Optional[Iterable] = 
         for row, v in zip(rows, variants):
             row[f"ms@{b}"] = t[v.name] * 1e3
             row[f"x@{b}"] = t[v.name] / base
+            row[f"band@{b}"] = t.band(v.name, variants[0].name)
     if loader is not None:
         for row, v in zip(rows, variants):
             row["accuracy"] = accuracy(v.run, loader)

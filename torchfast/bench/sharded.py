@@ -8,7 +8,7 @@ rank). The clipping rows also count the collectives one clip issues (all-reduces
 functional ones DTensor uses), to show that torchfast reduces the norm once per clip.
 
     torchfast bench --suites fsdp [--fsdp-nproc 2]          (prints the table)
-    python -m torch.distributed.run --nproc_per_node=2 -m torchfast.bench_sharded --json OUT.json
+    python -m torch.distributed.run --nproc_per_node=2 -m torchfast.bench.sharded --json OUT.json
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ import torch.distributed as dist
 from torch import nn
 
 import torchfast
-from torchfast import bench
+from torchfast.bench import optim as cases
+from torchfast.bench.timing import interleaved_medians
 
 
 class _Shapes(nn.Module):
@@ -40,7 +41,7 @@ def _sharded_params(case: str, device) -> list[nn.Parameter]:
     from torch.distributed.tensor import distribute_tensor
 
     g = torch.Generator().manual_seed(0)
-    module = _Shapes(bench.CASES[case](), g).to(device)
+    module = _Shapes(cases.CASES[case](), g).to(device)
     fully_shard(module)
     params = list(module.parameters())
     for p in params:
@@ -80,7 +81,7 @@ def _timed_rounds(fns: dict, device, rounds: int, warmup: int, prepare=None) -> 
         if prepare is not None:
             prepare()
         dist.barrier()
-    return bench._interleaved_medians(fns, device, rounds, warmup, before=before)
+    return interleaved_medians(fns, device, rounds, warmup, before=before)
 
 
 def _collectives_per_call(fns: dict) -> dict:
@@ -103,8 +104,8 @@ def _step_rows(case, params, device, rounds, warmup, kinds):
     local = sum(p.to_local().numel() for p in params)
     for kind in kinds:
         opts, unsupported = {}, {}
-        for impl in bench.IMPLS:
-            opt = bench.make_optimizer(kind, impl, params)
+        for impl in cases.IMPLS:
+            opt = cases.make_optimizer(kind, impl, params)
             try:
                 opt.step()  # torch's fused SGD has no DTensor sharding strategy (torch 2.14): say so, time the rest
             except NotImplementedError as e:
@@ -112,7 +113,7 @@ def _step_rows(case, params, device, rounds, warmup, kinds):
                 continue
             opts[impl] = opt
         med = _slowest(_timed_rounds({impl: opt.step for impl, opt in opts.items()}, device, rounds, warmup))
-        for impl in bench.IMPLS:
+        for impl in cases.IMPLS:
             row = {"what": f"{kind} step", "case": case, "impl": impl, "local_params": local, "collectives": None}
             if impl in med:
                 row.update(median_ms=med[impl] * 1e3, vs_foreach=med[impl] / med["torch-foreach"])
@@ -184,7 +185,7 @@ def sharded_report(nproc: int = 2, case: str = "resnet18", rounds: int = 10, war
         package_parent = os.path.dirname(os.path.dirname(os.path.abspath(torchfast.__file__)))
         env["PYTHONPATH"] = package_parent + os.pathsep + env.get("PYTHONPATH", "")
         done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                               f"--nproc_per_node={nproc}", "-m", "torchfast.bench_sharded", "--case", case,
+                               f"--nproc_per_node={nproc}", "-m", "torchfast.bench.sharded", "--case", case,
                                "--rounds", str(rounds), "--warmup", str(warmup), "--kinds", *kinds, "--json", out],
                               capture_output=True, text=True, env=env, timeout=1800)
         if done.returncode != 0 or not os.path.exists(out):
@@ -209,10 +210,10 @@ def format_table(rows) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", default="resnet18", choices=list(bench.CASES))
+    parser.add_argument("--case", default="resnet18", choices=list(cases.CASES))
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--kinds", nargs="+", default=["adamw", "sgd_momentum"], choices=list(bench.BYTES_PER_PARAM))
+    parser.add_argument("--kinds", nargs="+", default=["adamw", "sgd_momentum"], choices=list(cases.BYTES_PER_PARAM))
     parser.add_argument("--json", required=True)
     args = parser.parse_args(argv)
     worker(args.case, args.rounds, args.warmup, args.kinds, args.json)

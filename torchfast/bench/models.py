@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import torchfast
-from torchfast.bench import _interleaved_medians
+from torchfast.bench.timing import Timings, interleaved_medians
 from torchfast.reference import modules as plain
 
 
@@ -37,8 +37,8 @@ def profile_summary(fn: Callable, steps: int = 3, top: int = 8) -> tuple:
     return [(e.key, e.self_cpu_time_total / total, e.count / steps) for e in events[:top]], copy_share
 
 
-def _timed(fns: dict, rounds: int) -> dict:
-    return _interleaved_medians(fns, "cpu", rounds, warmup=2)
+def _timed(fns: dict, rounds: int) -> Timings:
+    return interleaved_medians(fns, "cpu", rounds, warmup=2)
 
 
 def _pair(num_classes=10, in_channels=3, seed=0):
@@ -71,7 +71,7 @@ def inference_report(batch: int = 32, size: int = 32, rounds: int = 20, with_onn
         prof, _ = profile_summary(lambda: fast(x))
     base_t = t["plain eager"]
     rows = [{"bench": f"inference, batch {batch}, 3x{size}x{size}", "impl": k, "median_ms": v * 1e3,
-             "vs_plain": v / base_t} for k, v in t.items()]
+             "vs_plain": v / base_t, "band": t.band(k, "plain eager")} for k, v in t.items()]
     return rows, prof
 
 
@@ -100,7 +100,8 @@ def train_report(batch: int = 32, size: int = 32, rounds: int = 15, amp: bool = 
     t = _timed(fns, rounds)
     base_t = t["plain eager + AdamW(fused=True)"]
     label = f"train step, batch {batch}, 3x{size}x{size}" + (", bf16 autocast" if amp else "")
-    rows = [{"bench": label, "impl": k, "median_ms": v * 1e3, "vs_plain": v / base_t} for k, v in t.items()]
+    rows = [{"bench": label, "impl": k, "median_ms": v * 1e3, "vs_plain": v / base_t,
+             "band": t.band(k, "plain eager + AdamW(fused=True)")} for k, v in t.items()]
     prof, copy_share = profile_summary(fns["torchfast + torchfast AdamW"])
     return rows, prof, copy_share
 
@@ -117,10 +118,11 @@ def job_report(runs: int = 3, epochs: int = 12) -> list:
                 subprocess.run([sys.executable, "-m", "torchfast", "train", "--out", f"{out}/{r}{len(extra)}",
                                 "--epochs", str(epochs), *extra], check=True, capture_output=True, env=env)
                 times[label].append(time.perf_counter() - start)
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    med = Timings(times)
     base = med["torchfast train --eager"]
     return [{"bench": f"main job ({epochs} epochs, digits), wall s", "impl": k, "median_ms": v * 1e3,
-             "vs_plain": v / base, "runs_s": [round(s, 2) for s in times[k]]} for k, v in med.items()]
+             "vs_plain": v / base, "band": med.band(k, "torchfast train --eager"),
+             "runs_s": [round(s, 2) for s in times[k]]} for k, v in med.items()]
 
 
 def format_rows(rows: list) -> str:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import torchfast
 
-from torchfast.bench import _interleaved_medians
+from torchfast.bench.timing import interleaved_medians
 from torchfast.nn.functional import scaled_dot_product_attention as tf_sdpa
 
 IMPLS = ("eager", "torch SDPA", "torchfast")
@@ -74,13 +74,14 @@ def attention_report(device="cpu", rounds=5, warmup=1, lengths=(512, 2048), B=4,
         for backward in (False, True):
             fns = {impl: step(impl, q, k, v, backward, is_causal) for impl in impls
                    if impl != "eager" or eager_fits(B, H, L, dtype)}
-            med = _interleaved_medians(fns, device, rounds, warmup)
+            med = interleaved_medians(fns, device, rounds, warmup)
             for impl in fns:
                 rows.append({"L": L, "pass": "fwd+bwd" if backward else "fwd", "impl": impl,
                              "median_ms": med[impl] * 1e3,
                              "GFLOP/s": flops(B, H, L, L, D, backward, is_causal) / med[impl] / 1e9,
                              "vs_sdpa": med[impl] / med["torch SDPA"] if "torch SDPA" in med else float("nan"),
-                             "vs_eager": med[impl] / med["eager"] if "eager" in med else float("nan")})
+                             "vs_eager": med[impl] / med["eager"] if "eager" in med else float("nan"),
+                             "band": med.band(impl, "torch SDPA") if "torch SDPA" in med else None})
     return rows
 
 
@@ -138,7 +139,7 @@ def peak_memory(impl, B, H, L, D, device="cpu", dtype=torch.float32) -> int:
     whose malloc returns large blocks to the system at once (so the RSS follows the allocations)."""
     if device == "cuda":
         return _peak_cuda(impl, B, H, L, D, dtype)
-    code = (f"from torchfast.bench_attention import _peak_cpu_child; "
+    code = (f"from torchfast.bench.attention import _peak_cpu_child; "
             f"_peak_cpu_child({impl!r}, {B}, {H}, {L}, {D})")
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     # Run where this torchfast lives, so the child imports the same build (not a source tree in the cwd).

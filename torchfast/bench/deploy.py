@@ -104,3 +104,15 @@ TITLES = {
 
 def format_report(report: dict) -> str:
     return "\n\n".join(measure.format_table(rows, TITLES.get(name, name)) for name, rows in report.items())
+
+
+def plot_rows(report: dict) -> list:
+    """(label, x, band, baseline) per model, variant and batch size, for the report's plot."""
+    out = []
+    for name, rows in report.items():
+        batches = [k[3:] for k in rows[0] if k.startswith("ms@")]
+        for r in rows[1:]:
+            for b in batches:
+                out.append((f"{name}, batch {b}: {r['variant']}", r[f"x@{b}"], r.get(f"band@{b}"),
+                            "plain torch eager fp32"))
+    return out
