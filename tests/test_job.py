@@ -1,4 +1,5 @@
-"""The main job: `torchfast train` on scikit-learn's digits."""
+"""The main job: `torchfast train` on scikit-learn's digits, synthetic images or an image folder, with
+ComplexNetwork or torchvision's ResNet-18."""
 import json
 import os
 import subprocess
@@ -64,6 +65,10 @@ def test_resume_with_another_schedule_is_refused(tmp_path):
     (["--lr", "0"], "--lr must be positive"),
     (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA device"),
     (["--resume", "no/such/file.pt"], "no such checkpoint file"),
+    (["--data", "no/such/folder"], "--data no/such/folder: not 'digits', 'synthetic' or a directory of images"),
+    (["--model", "vgg"], "invalid choice: 'vgg'"),
+    (["--image-size", "16"], "--image-size does not apply to the digits"),
+    (["--image-size", "0", "--data", "synthetic"], "--image-size must be at least 1, got 0"),
 ])
 def test_command_line_user_errors_are_one_line(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -71,3 +76,60 @@ def test_command_line_user_errors_are_one_line(args, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def _image_folder(root, classes=("cat", "dog", "fox"), per_class=6, split=False):
+    """A tiny ImageFolder: images of different sizes, each class one bright channel."""
+    np = pytest.importorskip("numpy")
+    Image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(0)
+    for part in (("train", "val") if split else ("",)):
+        for c, name in enumerate(classes):
+            folder = os.path.join(root, part, name)
+            os.makedirs(folder, exist_ok=True)
+            for i in range(per_class):
+                pixels = (rng.random((10 + i, 12, 3)) * 120).astype("uint8")
+                pixels[..., c] = 255
+                Image.fromarray(pixels).save(os.path.join(folder, f"{i}.png"))
+    return str(root)
+
+
+def test_resnet18_on_an_image_folder(tmp_path):
+    pytest.importorskip("torchvision")
+    images = _image_folder(tmp_path / "images")
+    summary = run(JobConfig(out=str(tmp_path / "run"), epochs=2, batch_size=6, model="resnet18", data=images,
+                            image_size=16), log=lambda *_: None)
+    assert summary["architecture"] == "resnet18" and summary["classes"] == 3 and summary["image_size"] == 16
+    assert summary["data"] == os.path.abspath(images) and summary["epochs"] == 2
+    from torchfast.deploy.from_run import load_run
+    trained = load_run(str(tmp_path / "run"))  # what `torchfast export` starts from
+    assert type(trained.model).__name__ == "ResNet" and trained.model.fc.out_features == 3
+    assert trained.model.torchfast_conversion.swaps  # converted: torchfast's fused blocks
+    assert len(trained.val_set) == 4 and tuple(trained.val_set[0][0].shape) == (3, 16, 16)
+
+
+def test_image_folder_with_train_and_val_subfolders_and_the_eager_twin(tmp_path):
+    pytest.importorskip("torchvision")
+    from torchfast.train import data
+    images = _image_folder(tmp_path / "images", per_class=2, split=True)
+    train, val, channels, classes = data.image_folder_datasets(images, image_size=8)
+    assert (len(train), len(val), channels, classes) == (6, 6, 3, 3)
+    summary = run(JobConfig(out=str(tmp_path / "eager"), epochs=1, batch_size=4, model="resnet18", data=images,
+                            image_size=8, eager=True), log=lambda *_: None)
+    assert summary["model"] == "plain torch" and summary["architecture"] == "resnet18"
+
+
+def test_resnet18_converted_and_plain_start_from_the_same_weights():
+    pytest.importorskip("torchvision")
+    import torch
+    from torchfast.train.architectures import build_model
+    torch.manual_seed(0)
+    plain = build_model("resnet18", 1, 10, 8, fused=False)
+    torch.manual_seed(0)
+    fused = build_model("resnet18", 1, 10, 8, fused=True)
+    assert plain.conv1.in_channels == 1 and plain.conv1.kernel_size == (3, 3) and isinstance(plain.maxpool, torch.nn.Identity)
+    for (k, a), (k2, b) in zip(plain.state_dict().items(), fused.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    x = torch.randn(4, 1, 8, 8)
+    plain.eval(), fused.eval()
+    torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-5)

@@ -85,7 +85,7 @@ def _train_device(args) -> str:
 
 def _check_train_args(parser, args) -> None:
     """User errors get argparse's one-line message (and exit status 2), not a traceback."""
-    for name in ("epochs", "batch_size", "nproc", "synthetic"):
+    for name in ("epochs", "batch_size", "nproc", "synthetic", "image_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -96,6 +96,12 @@ def _check_train_args(parser, args) -> None:
     if args.resume is not None and not (os.path.isfile(args.resume) or os.path.isdir(args.resume)
                                         or os.path.isdir(args.resume + ".old")):
         parser.error(f"--resume {args.resume}: no such checkpoint file (or sharded checkpoint directory)")
+    if args.synthetic is not None and args.data not in ("digits", "synthetic"):
+        parser.error(f"--synthetic SIZE is --data synthetic --image-size SIZE; it does not go with --data {args.data}")
+    if args.data not in ("digits", "synthetic") and not os.path.isdir(args.data):
+        parser.error(f"--data {args.data}: not 'digits', 'synthetic' or a directory of images (one folder per class)")
+    if args.data == "digits" and args.image_size is not None and args.synthetic is None:
+        parser.error("--image-size does not apply to the digits (8x8); use --data synthetic or an image folder")
     if args.fsdp and args.nproc < 2 and "RANK" not in os.environ:
         parser.error("--fsdp shards the model over processes: give --nproc 2 or more")
 
@@ -117,7 +123,8 @@ def _train(args) -> int:
         torchrun(["--standalone", f"--nproc_per_node={args.nproc}", "-m", "torchfast"] + rest)
         return 0
     config = JobConfig(out=out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, amp=args.amp,
-                       eager=args.eager, synthetic=args.synthetic, resume=args.resume, seed=args.seed, device=device,
+                       eager=args.eager, synthetic=args.synthetic, model=args.model, data=args.data,
+                       image_size=args.image_size, resume=args.resume, seed=args.seed, device=device,
                        fsdp=args.fsdp)
     try:
         summary = run(config)
@@ -196,7 +203,16 @@ def main(argv=None) -> int:
     p_train.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the OneCycleLR schedule")
     p_train.add_argument("--amp", choices=["bf16", "fp16"], help="mixed precision (fp16 needs a GPU)")
     p_train.add_argument("--eager", action="store_true", help="the same network from plain torch modules")
-    p_train.add_argument("--synthetic", type=int, metavar="SIZE", help="random SIZExSIZE RGB images instead of digits")
+    p_train.add_argument("--model", choices=["complexnet", "resnet18"], default="complexnet",
+                         help="the cheat sheet's ComplexNetwork, or torchvision's ResNet-18 (converted by "
+                              "torchfast.convert; a small-image stem below 64x64)")
+    p_train.add_argument("--data", default="digits", metavar="digits|synthetic|PATH",
+                         help="scikit-learn's digits, random images, or a directory of images with one subfolder "
+                              "per class (torchvision ImageFolder; train/ and val/ subfolders are used as the split)")
+    p_train.add_argument("--image-size", type=int, metavar="N",
+                         help="images are NxN (synthetic: default 32; an image folder: resized, default 64)")
+    p_train.add_argument("--synthetic", type=int, metavar="SIZE", help="random SIZExSIZE RGB images instead of digits "
+                         "(= --data synthetic --image-size SIZE)")
     p_train.add_argument("--resume", metavar="PATH", help="continue from a checkpoint (e.g. RUN/checkpoints/last.pt, "
                          "or last.dcp of an --fsdp run)")
     p_train.add_argument("--seed", type=int, default=0)

@@ -11,13 +11,13 @@ from typing import Optional
 
 import torch
 
-import torchfast
 from torchfast.deploy import measure, runtime
 from torchfast.deploy.onnx_export import export_onnx
 from torchfast.deploy.pruning import prune
 from torchfast.deploy.quantization import METHODS as QUANTIZE_METHODS
 from torchfast.deploy.quantization import quantize
 from torchfast.train import data
+from torchfast.train.architectures import build_model, infer_shape
 from torchfast.train.checkpoint import load_checkpoint
 from torchfast.train.fsdp import TRAINER_STATE
 
@@ -30,7 +30,7 @@ class ExportError(RuntimeError):
 class TrainedRun:
     model: torch.nn.Module
     checkpoint: str
-    data: str  # "digits" or "synthetic"
+    data: str  # "digits", "synthetic" or the image folder's path
     image_size: int
     val_set: torch.utils.data.Dataset
 
@@ -72,26 +72,33 @@ def load_run(path: str) -> TrainedRun:
     except (RuntimeError, FileNotFoundError) as e:
         raise ExportError(str(e)) from None
     weights = state.get("model")
-    if not isinstance(weights, dict) or "features.0.weight" not in weights or "classifier.5.weight" not in weights:
-        raise ExportError(f"{checkpoint}: holds no ComplexNetwork weights (not written by `torchfast train`)")
-    in_channels, classes = weights["features.0.weight"].shape[1], weights["classifier.5.weight"].shape[0]
     summary = {}
     if run_dir is not None:
         with open(os.path.join(run_dir, "summary.json")) as f:
             summary = json.load(f)
+    arch = summary.get("architecture") or ("resnet18" if isinstance(weights, dict) and "fc.weight" in weights
+                                           else "complexnet")
+    try:
+        in_channels, classes = infer_shape(arch, weights)
+    except (KeyError, TypeError, AttributeError, ValueError):
+        raise ExportError(f"{checkpoint}: holds no {arch} weights (not written by `torchfast train`)") from None
     kind = summary.get("data", "digits" if in_channels == 1 else "synthetic")
-    model = torchfast.models.ComplexNetwork(num_classes=classes, in_channels=in_channels)
+    size = 8 if kind == "digits" else int(summary.get("image_size", 32))
+    model = build_model(arch, in_channels, classes, size, fused=True)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise ExportError(f"{checkpoint}: the weights do not fit ComplexNetwork ({str(e).splitlines()[0]})") from None
+        raise ExportError(f"{checkpoint}: the weights do not fit {arch} ({str(e).splitlines()[0]})") from None
     model.eval()
     if kind == "digits":
         _, val_set, _, _ = data.digits_datasets()
-        size = 8
-    else:
-        size = int(summary.get("image_size", 32))
+    elif kind == "synthetic":
         _, val_set, _, _ = data.synthetic_datasets(image_size=size, channels=in_channels, num_classes=classes)
+    else:
+        try:
+            _, val_set, _, _ = data.image_folder_datasets(kind, image_size=size)
+        except ValueError as e:
+            raise ExportError(f"{checkpoint}: the run's images are not readable any more ({e})") from None
     return TrainedRun(model, checkpoint, kind, size, val_set)
 
 

@@ -1,9 +1,15 @@
-"""Data for the `torchfast train` job: scikit-learn's digits (shipped with it: nothing to download)
-and synthetic images of a chosen size (for benchmarking)."""
+"""Data for the `torchfast train` job: scikit-learn's digits (shipped with it: nothing to download),
+synthetic images of a chosen size (for benchmarking), and a user's own images (an ImageFolder
+directory, through torchvision)."""
 from __future__ import annotations
 
+import os
+
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+# ImageNet's channel statistics: what torchvision's models are used to (and as good as any for others)
+IMAGE_MEAN, IMAGE_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def digits_datasets(val_fraction: float = 0.2, seed: int = 0) -> tuple[TensorDataset, TensorDataset, int, int]:
@@ -33,6 +39,46 @@ def synthetic_datasets(samples: int = 2048, image_size: int = 32, channels: int 
     return TensorDataset(x[n_val:], y[n_val:]), TensorDataset(x[:n_val], y[:n_val]), channels, num_classes
 
 
-def loaders(train: TensorDataset, val: TensorDataset, batch_size: int, sampler=None) -> tuple[DataLoader, DataLoader]:
+def image_folder_datasets(path: str, image_size: int = 64, val_fraction: float = 0.2,
+                          seed: int = 0) -> tuple[Dataset, Dataset, int, int]:
+    """(train, val, 3, num_classes) from a directory of images, one subdirectory per class
+    (torchvision.datasets.ImageFolder). With `train/` and `val/` subdirectories those are the split;
+    otherwise `val_fraction` of the images, drawn with `seed`, validate. Images are resized to
+    image_size x image_size, RGB, normalised with ImageNet's mean and std; training images are also
+    flipped at random."""
+    try:
+        from torchvision import datasets, transforms
+    except ImportError as e:
+        raise RuntimeError("training on an image folder needs torchvision: pip install torchvision") from e
+    if not os.path.isdir(path):
+        raise ValueError(f"--data {path}: not a directory (expected one subdirectory of images per class, or "
+                         "'digits' or 'synthetic')")
+    resize = [transforms.Resize((image_size, image_size)), transforms.ToTensor(),
+              transforms.Normalize(IMAGE_MEAN, IMAGE_STD)]
+    train_tf = transforms.Compose([transforms.RandomHorizontalFlip()] + resize)
+    val_tf = transforms.Compose(resize)
+
+    def folder(root, transform):
+        try:
+            return datasets.ImageFolder(root, transform=transform)
+        except (FileNotFoundError, RuntimeError) as e:  # no class folders / no images in them
+            raise ValueError(f"--data {root}: {e}") from None
+
+    if os.path.isdir(os.path.join(path, "train")) and os.path.isdir(os.path.join(path, "val")):
+        train, val = folder(os.path.join(path, "train"), train_tf), folder(os.path.join(path, "val"), val_tf)
+        if train.classes != val.classes:
+            raise ValueError(f"--data {path}: train/ and val/ hold different classes "
+                             f"({train.classes} vs {val.classes})")
+        return train, val, 3, len(train.classes)
+    train_view, val_view = folder(path, train_tf), folder(path, val_tf)
+    n = len(train_view)
+    if n < 2:
+        raise ValueError(f"--data {path}: {n} image(s); need at least 2 (one to train, one to validate)")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = min(max(1, int(round(n * val_fraction))), n - 1)
+    return Subset(train_view, order[n_val:]), Subset(val_view, order[:n_val]), 3, len(train_view.classes)
+
+
+def loaders(train: Dataset, val: Dataset, batch_size: int, sampler=None) -> tuple[DataLoader, DataLoader]:
     train_loader = DataLoader(train, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=False)
     return train_loader, DataLoader(val, batch_size=max(batch_size, 256))
