@@ -192,3 +192,44 @@ def test_enable_routes_sdpa_calls():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     if torchfast.info()["kernels_loaded"]:
         assert "torchfast::flash_attention" in {e.name for e in prof.events()}
+
+
+def _tiny_vit():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return timm.models.VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+
+
+def test_timm_vit_attention_routed_to_torchfast_without_enable():
+    net = _tiny_vit()
+    fast = torchfast.convert(net)
+    swaps = dict(fast.torchfast_conversion.swaps)
+    assert swaps == {f"blocks.{i}.attn": "F.scaled_dot_product_attention calls -> torchfast's flash attention"
+                     for i in range(2)}
+    assert not net.blocks[0].attn._forward_pre_hooks  # the original is untouched
+    x = torch.randn(3, 3, 16, 16)
+    with torch.profiler.profile() as prof:
+        got = fast(x)
+    if torchfast.info()["kernels_loaded"]:
+        assert "torchfast::flash_attention" in {e.name for e in prof.events()}
+    _check_equivalent(net, fast, x)
+    again = copy.deepcopy(fast)  # the hooks travel with a copy, and leave no routing mode behind
+    torch.testing.assert_close(again(x), net(x), rtol=1e-5, atol=1e-6)
+    assert not torch.overrides._get_current_function_mode_stack()
+
+
+def test_routing_mode_is_left_when_the_forward_raises():
+    fast = torchfast.convert(_tiny_vit())
+    attn = fast.blocks[0].attn
+    with pytest.raises(RuntimeError):
+        attn(torch.randn(2, 5, 31))  # inside the routed forward: its qkv projection refuses 31 features
+    assert not torch.overrides._get_current_function_mode_stack()
+    torch.testing.assert_close(attn(torch.randn(2, 5, 32)).shape, torch.Size([2, 5, 32]))
+
+
+def test_converted_vit_compiles():
+    net = _tiny_vit().eval()
+    fast = torchfast.convert(net)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert _rel_err(torch.compile(fast)(x), net(x)) < 1e-4

@@ -176,6 +176,9 @@ def main(argv=None) -> int:
                               "models (whole ComplexNetwork, inference and train step, with profiles); deploy "
                               "(ONNX and int8 inference, not in the default set: it trains and compiles); fsdp "
                               "(optimizer step and clipping on FSDP2 shards, in --fsdp-nproc processes)")
+    p_bench.add_argument("--zoo", nargs="*", default=["resnet18", "resnet50", "vit_tiny"],
+                         choices=["resnet18", "resnet50", "vit_tiny"],
+                         help="with --suites models: torchvision/timm models through torchfast.convert (none: skip)")
     p_bench.add_argument("--fsdp-nproc", type=int, default=2, metavar="N", help="processes for --suites fsdp")
     p_bench.add_argument("--job-runs", type=int, default=0, metavar="N",
                          help="with --suites models: also time N runs each of `torchfast train` and `--eager`")

@@ -10,14 +10,18 @@ reported):
   torchvision's BasicBlock and Bottleneck (their downsample branch is the "identity");
 - optimizer=: torch.optim SGD/Adam/AdamW -> torchfast's, with the same param_groups and state.
 A BatchNorm2d that is not a plain nn.BatchNorm2d, that is called more than once, or that has hooks, and
-blocks that do not trace, stay as they were. torchfast.enable() routes F.scaled_dot_product_attention
-calls (timm, transformers) to torchfast's for the code run inside it.
+blocks that do not trace, stay as they were. Modules whose forward calls F.scaled_dot_product_attention
+(timm's and transformers' attention) get it routed to torchfast's flash kernels by hooks (no forward
+rewritten; not while compiling or exporting, where torch's own SDPA is traced); torchfast.enable() does
+the same for any code run inside it.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import operator
+import threading
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -27,6 +31,7 @@ from torch import nn
 
 from torchfast.nn import attention as fused_attention
 from torchfast.nn import layers as fused
+from torchfast.ops._registry import exporting
 
 __all__ = ["ConversionReport", "convert", "enable"]
 
@@ -229,12 +234,64 @@ def convert(model: nn.Module, *, inplace: bool = False, optimizer: Optional[torc
     _convert_attention(out, rep)
     _convert_blocks(out, rep)
     _convert_sequential(out, rep)
+    _route_sdpa_calls(out, rep)
     out.torchfast_conversion = rep
     if report:
         print(rep)
     if optimizer is not None:
         return out, _convert_optimizer(optimizer, model, out, rep)
     return out
+
+
+# -- F.scaled_dot_product_attention calls in foreign forwards (timm, transformers) ---------------------
+
+_ROUTED: threading.local = threading.local()  # per thread: the routing modes entered by pre-hooks
+
+
+def _calls_sdpa(cls: type) -> bool:
+    """Whether `cls.forward`'s own source calls scaled_dot_product_attention."""
+    if cls not in _SDPA_CLASSES:
+        try:
+            _SDPA_CLASSES[cls] = "scaled_dot_product_attention" in inspect.getsource(cls.forward)
+        except (OSError, TypeError):  # built-in or generated code: no source to read
+            _SDPA_CLASSES[cls] = False
+    return _SDPA_CLASSES[cls]
+
+
+_SDPA_CLASSES: dict = {}
+
+
+def _enter_routing(module, args):
+    stack = _ROUTED.__dict__.setdefault("stack", [])
+    # torch.compile and export trace torch's own SDPA (inductor fuses it); eager calls take torchfast's
+    if torch.compiler.is_compiling() or exporting():
+        stack.append(None)
+        return
+    mode = _SDPARouting()
+    mode.__enter__()
+    stack.append(mode)
+
+
+def _exit_routing(module, args, output):
+    mode = _ROUTED.stack.pop()
+    if mode is not None:
+        mode.__exit__(None, None, None)
+
+
+def _route_sdpa_calls(model: nn.Module, report: ConversionReport) -> None:
+    """Modules whose forward calls F.scaled_dot_product_attention itself (timm's Attention, transformers'
+    SDPA attention) run it as torchfast's: a pre-hook enters the routing mode of torchfast.enable() and a
+    forward hook (always called, also when the forward raises) leaves it, so only those forwards pay for
+    the mode. Hooks rather than a rewritten forward: they travel with copy.deepcopy and state_dict stays."""
+    for path, m in model.named_modules():
+        if isinstance(m, (fused_attention.MultiheadAttention, nn.MultiheadAttention)) or not _calls_sdpa(type(m)):
+            continue
+        if getattr(m, "_torchfast_sdpa_routed", False):
+            continue
+        m.register_forward_pre_hook(_enter_routing)
+        m.register_forward_hook(_exit_routing, always_call=True)
+        m._torchfast_sdpa_routed = True
+        report.swaps.append((path, "F.scaled_dot_product_attention calls -> torchfast's flash attention"))
 
 
 class _SDPARouting(torch.overrides.TorchFunctionMode):

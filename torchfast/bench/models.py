@@ -133,3 +133,69 @@ def format_rows(rows: list) -> str:
 
 def format_profile(title: str, prof: list) -> str:
     return f"{title}: " + ", ".join(f"{op} {100 * share:.0f}% ({calls:g}/step)" for op, share, calls in prof)
+
+
+# ---- models we did not write: torchvision's ResNets and timm's ViT, through torchfast.convert ---------
+
+ZOO = ("resnet18", "resnet50", "vit_tiny")
+
+
+def zoo_model(name: str, size: int, num_classes: int = 10) -> nn.Module:
+    """A random-init torchvision / timm model (nothing downloaded) for size x size RGB inputs."""
+    if name in ("resnet18", "resnet50"):
+        import torchvision
+        return getattr(torchvision.models, name)(num_classes=num_classes)
+    if name == "vit_tiny":
+        import timm
+        return timm.create_model("vit_tiny_patch16_224", img_size=size, num_classes=num_classes)
+    raise ValueError(f"unknown model {name!r}; choose from {ZOO}")
+
+
+def zoo_report(models=ZOO, batch: int = 16, size: int = 64, rounds: int = 10, with_compile: bool = True,
+               profile: bool = True) -> tuple:
+    """(rows, {model: profile of the converted train step}): each model's train step (forward, backward,
+    AdamW: torch's fused=True for torch's variants, torchfast's for the converted model) and inference
+    (eval, no_grad), as eager, channels_last eager, torch.compile of the original, and torchfast.convert."""
+    rows, profiles = [], {}
+    for name in models:
+        torch.manual_seed(0)
+        original = zoo_model(name, size)
+        converted = torchfast.convert(original)
+        channels_last = zoo_model(name, size).to(memory_format=torch.channels_last)
+        channels_last.load_state_dict(original.state_dict())
+        x = torch.randn(batch, 3, size, size)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 10, (batch,))
+        variants = {"eager": (original, x), "eager, channels_last": (channels_last, x_cl),
+                    "torchfast.convert": (converted, x)}
+        if with_compile:
+            compiled = zoo_model(name, size)
+            compiled.load_state_dict(original.state_dict())
+            variants["torch.compile"] = (torch.compile(compiled), x)
+        loss_fn = nn.CrossEntropyLoss()
+
+        def train_step(model, inp, fast):
+            opt = (torchfast.optim.AdamW(model.parameters(), lr=1e-4) if fast else
+                   torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True))
+
+            def run():
+                opt.zero_grad(set_to_none=True)
+                loss_fn(model(inp), y).backward()
+                opt.step()
+            return run
+
+        for m, _ in variants.values():
+            m.train()
+        fns = {k: train_step(m, inp, k == "torchfast.convert") for k, (m, inp) in variants.items()}
+        t = _timed(fns, rounds)
+        rows += [{"bench": f"{name} train step, batch {batch}, 3x{size}x{size}", "impl": k, "median_ms": v * 1e3,
+                  "vs_plain": v / t["eager"], "band": t.band(k, "eager")} for k, v in t.items()]
+        if profile:
+            profiles[name], _ = profile_summary(fns["torchfast.convert"], steps=2)
+        for m, _ in variants.values():
+            m.eval()
+        with torch.no_grad():
+            t = _timed({k: (lambda m=m, inp=inp: m(inp)) for k, (m, inp) in variants.items()}, rounds)
+        rows += [{"bench": f"{name} inference, batch {batch}, 3x{size}x{size}", "impl": k, "median_ms": v * 1e3,
+                  "vs_plain": v / t["eager"], "band": t.band(k, "eager")} for k, v in t.items()]
+    return rows, profiles

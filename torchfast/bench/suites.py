@@ -30,6 +30,7 @@ class Options:
     norm_dtype: str = None
     no_compile: bool = False
     fsdp_nproc: int = 2
+    zoo: tuple = ("resnet18", "resnet50", "vit_tiny")
 
 
 @dataclass
@@ -136,7 +137,9 @@ def models(o: Options) -> Suite:
     rows += train_rows + amp_rows
     if o.job_runs:
         rows += bm.job_report(runs=o.job_runs)
-    s.rows = rows
+    zoo_rows, zoo_profiles = bm.zoo_report(models=o.zoo, rounds=rounds, with_compile=not o.no_compile) if o.zoo \
+        else ([], {})
+    s.rows = rows + zoo_rows
     s.add(f"Whole model: the cheat sheet's ComplexNetwork, plain torch vs torchfast, CPU ({where('cpu')}), torch "
           f"{torch.__version__}, median of {rounds} interleaved rounds.", bm.format_rows(rows))
     s.add("Profiles", "\n".join([
@@ -144,8 +147,15 @@ def models(o: Options) -> Suite:
         bm.format_profile("torchfast train step, top ops (self CPU)", train_prof),
         bm.format_profile("torchfast train step under bf16 autocast, top ops", amp_prof),
         f"aten::copy_ in the torchfast train step: {100 * copy_share:.1f}% of self CPU time"]))
+    if zoo_rows:
+        s.add(f"Models we did not write (torchvision, timm; random init), batch 16, 3x64x64, through torchfast.convert; "
+              f"median of {rounds} interleaved rounds; train step = forward, backward, AdamW.", bm.format_rows(zoo_rows))
+        s.add("Profiles of the converted models' train steps", "\n".join(
+            bm.format_profile(f"{name} (torchfast.convert), train step, top ops (self CPU)", prof)
+            for name, prof in zoo_profiles.items()))
+    rows = s.rows
     s.plot_rows = _ratio_rows(rows, lambda r: f"{r['bench']}: {r['impl']}", "vs_plain", "plain torch eager",
-                              skip=("plain eager", "plain eager + AdamW(fused=True)", "torchfast train --eager"))
+                              skip=("plain eager", "plain eager + AdamW(fused=True)", "torchfast train --eager", "eager"))
     return s
 
 
