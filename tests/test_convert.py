@@ -42,7 +42,9 @@ def test_cheat_sheet_network_in_plain_torch():
     swaps = dict(fast.torchfast_conversion.swaps)
     assert swaps["attention"].endswith("torchfast.nn.MultiheadAttention")
     assert [w for p, w in fast.torchfast_conversion.swaps if p == "features.3"] == [
-        "bn1 + ReLU -> BatchNormReLU2d", "bn2 + residual add + ReLU -> BatchNormAddReLU2d"]
+        "bn1 + ReLU -> BatchNormReLU2d", "bn2 + residual add + ReLU -> BatchNormAddReLU2d",
+        "conv1 + bn1: the batch norm folded into the convolution in inference",
+        "conv2 + bn2: the batch norm folded into the convolution in inference"]
     assert isinstance(net.attention, nn.MultiheadAttention) and type(net.attention) is nn.MultiheadAttention
     _check_equivalent(net, fast, torch.randn(4, 3, 16, 16))
     plain.ComplexNetwork(10, 3).load_state_dict(fast.state_dict())  # checkpoints load both ways
@@ -57,6 +59,8 @@ def _converted_resnet(arch: str, blocks: int):
     fast = torchfast.convert(net)
     report = fast.torchfast_conversion
     assert len([p for p, w in report.swaps if "residual add" in w]) == blocks and not report.skipped, str(report)
+    # every block convolution folds its batch norm in inference (the downsample branches are Sequentials)
+    assert len([p for p, w in report.swaps if "folded" in w]) == blocks * (2 if arch == "resnet18" else 3)
     return net, fast
 
 
@@ -233,3 +237,31 @@ def test_converted_vit_compiles():
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert _rel_err(torch.compile(fast)(x), net(x)) < 1e-4
+
+
+def test_folded_inference_follows_the_weights_and_leaves_the_conv_alone():
+    """Inference with the batch norm folded into the convolution: equal to the original after the weights
+    and statistics change (an optimizer step, a train-mode forward), under hooks, and the conv called
+    alone is still a conv."""
+    net, fast = _converted_resnet("resnet18", blocks=8)
+    x = torch.randn(4, 3, 32, 32)
+    opt = torch.optim.SGD(fast.parameters(), lr=0.1)
+    for _ in range(2):
+        fast.eval(), net.eval()
+        with torch.no_grad():
+            assert _rel_err(fast(x), net(x)) < 1e-5
+        fast.train(), net.train()
+        fast(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        net.load_state_dict(fast.state_dict())
+    fast.eval(), net.eval()
+    block = fast.layer1[0]
+    with torch.no_grad():
+        assert _rel_err(fast(x), net(x)) < 1e-5
+        y = torch.randn(2, 64, 8, 8)
+        torch.testing.assert_close(block.conv1(y), net.layer1[0].conv1(y))  # not folded when called alone
+        seen = []
+        handle = block.bn1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        assert _rel_err(fast(x), net(x)) < 1e-5 and seen  # a hook on the bn: the modules are called
+        handle.remove()

@@ -165,9 +165,36 @@ def _rewrite_block(module: nn.Module) -> Optional[tuple]:
             break
     if not done:
         return None
+    done += _fold_convolutions(gm, calls)
     gm.graph.lint()
     gm.recompile()
     return gm, done
+
+
+def _fold_convolutions(gm: torch.fx.GraphModule, calls: dict) -> list:
+    """Each conv -> fused BN node pair (the conv's output used by the BN alone, the conv called once)
+    becomes one call of layers.conv_bn_relu, which folds the BN into the convolution in inference and
+    calls the two modules otherwise. The modules stay where they are (get_attr nodes hand them over),
+    so the state_dict, and the conv called on its own, are unchanged."""
+    done = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or type(gm.get_submodule(node.target)) not in (fused.BatchNormReLU2d,
+                                                                                  fused.BatchNormAddReLU2d):
+            continue
+        conv = node.args[0]
+        if not (isinstance(conv, torch.fx.Node) and conv.op == "call_module" and len(conv.users) == 1
+                and calls.get(conv.target) == 1 and type(gm.get_submodule(conv.target)) is nn.Conv2d
+                and len(conv.args) == 1 and not conv.kwargs):
+            continue
+        residual = node.args[1] if len(node.args) > 1 else None
+        with gm.graph.inserting_before(node):
+            conv_attr, bn_attr = gm.graph.get_attr(conv.target), gm.graph.get_attr(node.target)
+            fused_node = gm.graph.call_function(fused.conv_bn_relu, (conv.args[0], conv_attr, bn_attr, residual))
+        node.replace_all_uses_with(fused_node)
+        gm.graph.erase_node(node)
+        gm.graph.erase_node(conv)
+        done.append(f"{conv.target} + {node.target}: the batch norm folded into the convolution in inference")
+    return done
 
 
 def _convert_blocks(model: nn.Module, report: ConversionReport) -> None:

@@ -14,7 +14,7 @@ from torchfast.nn.functional import batch_norm_add_relu
 from torchfast.ops._registry import exporting
 
 __all__ = ["BatchNormReLU2d", "BatchNormAddReLU2d", "ConvBNReLU2d", "FoldedConvBN", "ResidualBlock",
-           "SyncBatchNormAddReLU2d", "SyncBatchNormReLU2d", "add_relu", "can_fold", "convert_sync_batchnorm",
+           "SyncBatchNormAddReLU2d", "SyncBatchNormReLU2d", "add_relu", "can_fold", "conv_bn_relu", "convert_sync_batchnorm",
            "fold_conv_bn", "fused_batch_norm", "plain_path_needed"]
 
 
@@ -236,6 +236,37 @@ def can_fold(module: nn.Module, bns, x: Tensor) -> bool:
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())):
         return False  # folded weights are constants: gradients need the unfolded path
     return True
+
+
+def conv_bn_relu(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[Tensor] = None) -> Tensor:
+    """bn(conv(x)) -> ReLU, or relu(bn(conv(x)) + residual), for a BatchNormReLU2d / BatchNormAddReLU2d
+    `bn` (what torchfast.convert puts after a block's convolution). In inference (both modules in eval
+    mode, running statistics, no gradient wanted) the batch norm is folded into the convolution and the
+    ReLU (and the add) run as its oneDNN post-ops on the CPU: one pass instead of two or three. Anything
+    else, hooks on either module or autocast included, calls the two modules."""
+    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (conv, bn))
+    if (hooked or type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or conv.training or bn.training
+            or bn.running_mean is None or bn.running_var is None or x.dim() != 4
+            or (x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type))
+            or (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in conv.parameters())
+                                            or any(p.requires_grad for p in bn.parameters())))):
+        out = conv(x)
+        return bn(out) if residual is None else bn(out, residual)
+    folded = bn.__dict__.get("_torchfast_folded")
+    if folded is None:
+        folded = bn.__dict__["_torchfast_folded"] = FoldedConvBN()  # not state: rebuilt when the tensors change
+    weight, bias = folded.get(conv, bn, _is_channels_last(x))
+    args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    if _onednn.usable(x, weight, conv.padding):
+        if residual is None:
+            return _onednn.conv2d_relu(x, weight, bias, *args, True)
+        if residual.shape == (x.size(0), weight.size(0)) + residual.shape[2:] and residual.dtype == x.dtype:
+            out_layout_ok = residual.is_contiguous(memory_format=torch.channels_last) if _is_channels_last(x) \
+                else residual.is_contiguous()
+            if out_layout_ok:
+                return _onednn.conv2d_add_relu(x, residual, weight, bias, *args)
+    out = torch.nn.functional.conv2d(x, weight, bias, *args)
+    return out.relu_() if residual is None else add_relu(out, residual)
 
 
 def _is_channels_last(x: Tensor) -> bool:
