@@ -265,3 +265,26 @@ def test_folded_inference_follows_the_weights_and_leaves_the_conv_alone():
         handle = block.bn1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
         assert _rel_err(fast(x), net(x)) < 1e-5 and seen  # a hook on the bn: the modules are called
         handle.remove()
+
+
+def test_converted_resnet_under_autocast_and_exported_to_onnx(tmp_path):
+    """Under bf16 autocast the converted model is as close to the fp32 result as torch's own (the fused batch
+    norms keep fp32 statistics), in training and in inference."""
+    net, fast = _converted_resnet("resnet18", blocks=8)
+    x = torch.randn(4, 3, 32, 32)
+    for mode in (False, True):  # inference first: a training forward moves the running statistics
+        net.train(mode), fast.train(mode)
+        exact = net(x).detach()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want, got = net(x), fast(x)
+        assert got.dtype == want.dtype == torch.bfloat16
+        err = lambda out: (out.float() - exact).abs().max().item()
+        assert err(got) <= 2 * err(want) + 1e-3, (mode, err(got), err(want))
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    from torchfast.deploy import OrtModule, export_onnx
+    fast.load_state_dict(net.state_dict())  # (the training forwards above moved the two models' statistics apart)
+    fast.eval(), net.eval()
+    report = export_onnx(fast, x, str(tmp_path / "resnet18.onnx"))  # verified in onnxruntime at batch 1 and 7
+    with torch.no_grad():
+        assert _rel_err(OrtModule(report.path)(x), net(x)) < 1e-4

@@ -19,7 +19,8 @@ CHECKS = [  # the names of fsdp_checks.CHECKS, listed so that collection needs n
     "optimizers_match_unsharded", "clipping_in_the_step_and_separately", "clip_grad_norm_matches_torch",
     "replicated_dtensors", "mixed_dtensor_and_plain_group", "dcp_save_load_continues_identically",
     "torch_optim_checkpoints_load_both_ways", "sharded_grad_scaler_skips_together",
-    "fused_layers_train_like_the_plain_stack", "trainer_resumes_exactly", "partial_placements_are_refused",
+    "fused_layers_train_like_the_plain_stack", "trainer_resumes_exactly", "converted_models_under_ddp_and_fsdp",
+    "partial_placements_are_refused",
 ]
 
 
