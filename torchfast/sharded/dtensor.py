@@ -13,21 +13,26 @@ values are not the values, so no elementwise update or local norm of them is cor
 from __future__ import annotations
 
 import math
+import sys
 from collections import defaultdict
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-try:
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor, Replicate
-except ImportError:  # a torch built without distributed support has no DTensor
-    dist, DTensor, Replicate = None, None, None
+_DTENSOR = None  # torch.distributed.tensor.DTensor once something has imported it
 
 
 def is_dtensor(t) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    """Whether `t` is a DTensor, without importing torch.distributed.tensor (~0.5 s at start-up): until
+    something has imported it, no DTensor can exist."""
+    global _DTENSOR
+    if _DTENSOR is None:
+        module = sys.modules.get("torch.distributed.tensor")
+        if module is None:
+            return False
+        _DTENSOR = module.DTensor
+    return isinstance(t, _DTENSOR)
 
 
 def local(t: Tensor) -> Tensor:
@@ -71,7 +76,8 @@ def total_norm(tensors: list[Tensor], norm_type: float, dtype: Optional[torch.dt
     for (mesh, sharded_dims), shards in groups.items():
         norm = local_norm(shards, norm_type, dtype)
         if sharded_dims:
-            norm = _reduce_over(norm, norm_type, [mesh.get_group(d) for d in sharded_dims])
+            import torch.distributed as dist
+            norm = _reduce_over(norm, norm_type, [mesh.get_group(d) for d in sharded_dims], dist)
         norms.append(norm)
     if len(norms) == 1:
         return norms[0]
@@ -79,7 +85,7 @@ def total_norm(tensors: list[Tensor], norm_type: float, dtype: Optional[torch.dt
     return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
 
 
-def _reduce_over(norm: Tensor, norm_type: float, process_groups) -> Tensor:
+def _reduce_over(norm: Tensor, norm_type: float, process_groups, dist) -> Tensor:
     """The norm over all ranks of `process_groups` from each rank's local norm."""
     if math.isinf(norm_type):
         value = norm.clone()
@@ -98,6 +104,7 @@ def replicated_like(value: Tensor, tensors: list[Tensor]) -> Tensor:
     clip_grad_norm_ returns for DTensor grads), or `value` itself when there is none."""
     for t in tensors:
         if is_dtensor(t):
+            from torch.distributed.tensor import DTensor, Replicate
             mesh = t.device_mesh
             return DTensor.from_local(value, mesh, [Replicate()] * mesh.ndim, run_check=False)
     return value
