@@ -38,10 +38,10 @@ def mlp():
     return nn.Sequential(nn.Linear(6, 7), nn.ReLU(), nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 1))
 
 
-def sharded(model, units=()):
+def sharded(model, units=(), **kwargs):
     for unit in units:
-        fully_shard(unit)
-    fully_shard(model)
+        fully_shard(unit, **kwargs)
+    fully_shard(model, **kwargs)
     return model
 
 
@@ -162,7 +162,7 @@ def clip_grad_norm_matches_torch():
     inf norm: `_foreach_norm` refuses the shard that is empty on rank 1), and against torch's clip on
     the sharded grads for the type it returns."""
     x = batches(1)[0]
-    for norm_type in (2.0, 1.0, math.inf, 3.0):
+    for norm_type in (2.0, 1.0, math.inf, -math.inf, 3.0):  # -inf: the smallest |g|; rank 1 has empty shards
         ours, reference = sharded_mlp(), mlp()
         loss_of(ours(my_half(x))).backward()
         loss_of(reference(x)).backward()
@@ -336,22 +336,33 @@ def sharded_grad_scaler_skips_together():
         torch.testing.assert_close(p.to_local(), q.to_local(), rtol=1e-6, atol=1e-7)
 
 
-def complex_networks():
+def complex_networks(block_unit=True, **kwargs):
+    """The two networks sharded alike; without block_unit the ResidualBlock stays in the root unit (then
+    ComplexNetwork's fused conv -> ReLU -> pool path runs: a unit's FSDP hooks on the block make the
+    features take the plain path)."""
     torch.manual_seed(0)
     ours = torchfast.models.ComplexNetwork(num_classes=5, in_channels=3)
     theirs = plain.ComplexNetwork(num_classes=5, in_channels=3)
     theirs.load_state_dict(ours.state_dict())
     for m in (ours, theirs):
-        sharded(m, [m.features[3], m.attention, m.classifier])
+        sharded(m, ([m.features[3]] if block_unit else []) + [m.attention, m.classifier], **kwargs)
     return ours, theirs
 
 
 @check
 def fused_layers_train_like_the_plain_stack():
+    for reshard_after_forward in (True, False):  # False: the unsharded parameters stay, rewritten in place
+        for block_unit in (True, False):
+            _fused_layers_train_like_the_plain_stack(block_unit, reshard_after_forward=reshard_after_forward)
+
+
+def _fused_layers_train_like_the_plain_stack(block_unit, **kwargs):
     torch.manual_seed(5 + RANK)  # each rank its own data, as a sharded loader gives
-    xs = [torch.randn(4, 3, 16, 16) for _ in range(3)]
-    targets = [torch.randint(0, 5, (4,)) for _ in range(3)]
-    ours, theirs = complex_networks()
+    # 8x3x32x32: large enough for the oneDNN convolutions and their cached channels_last weights, whose
+    # cache FSDP2's in-place all-gathers (version counters kept) must not fool
+    xs = [torch.randn(8, 3, 32, 32) for _ in range(3)]
+    targets = [torch.randint(0, 5, (8,)) for _ in range(3)]
+    ours, theirs = complex_networks(block_unit, **kwargs)
     # SGD rather than Adam here: the conv biases before a BatchNorm get a gradient that is zero but for
     # rounding, which Adam's normalisation would blow up to full-size steps of either sign
     opt = torchfast.optim.SGD(ours.parameters(), lr=0.05, momentum=0.9, max_grad_norm=1.0)
@@ -359,6 +370,10 @@ def fused_layers_train_like_the_plain_stack():
     for m in (ours, theirs):
         m.classifier[3].p = 0.0  # dropout off: the two runs draw their masks differently
     for x, t in zip(xs, targets):
+        ours.eval(), theirs.eval()
+        with torch.no_grad():  # inference between steps: no cached weights from before the last step
+            torch.testing.assert_close(ours(xs[0]), theirs(xs[0]), rtol=1e-4, atol=1e-5)
+        ours.train(), theirs.train()
         out, ref_out = ours(x), theirs(x)
         torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
         nn.functional.cross_entropy(out, t).backward()
@@ -378,17 +393,21 @@ def fused_layers_train_like_the_plain_stack():
     # the standalone fused layers, one unit each
     torch.manual_seed(0)
     fast = nn.Sequential(torchfast.nn.ConvBNReLU2d(3, 8, 3, padding=1), torchfast.nn.BatchNormReLU2d(8),
-                         nn.Flatten(), nn.Linear(8 * 16 * 16, 4))
+                         nn.Flatten(), nn.Linear(8 * 32 * 32, 4))
     slow = nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
-                         nn.Sequential(nn.BatchNorm2d(8), nn.ReLU()), nn.Flatten(), nn.Linear(8 * 16 * 16, 4))
+                         nn.Sequential(nn.BatchNorm2d(8), nn.ReLU()), nn.Flatten(), nn.Linear(8 * 32 * 32, 4))
     slow[0].load_state_dict(fast[0].state_dict())
     slow[1][0].load_state_dict(fast[1].state_dict())
     slow[3].load_state_dict(fast[3].state_dict())
-    sharded(fast, [fast[0], fast[1]])
-    sharded(slow, [slow[0], slow[1]])
+    sharded(fast, [fast[0], fast[1]], **kwargs)
+    sharded(slow, [slow[0], slow[1]], **kwargs)
     opt = torchfast.optim.SGD(fast.parameters(), lr=0.1, momentum=0.9)
     ref_opt = torch.optim.SGD(slow.parameters(), lr=0.1, momentum=0.9)
     for x in xs:
+        fast.eval(), slow.eval()
+        with torch.no_grad():  # the folded conv-BN weights follow each step
+            torch.testing.assert_close(fast(xs[0]), slow(xs[0]), rtol=1e-4, atol=1e-5)
+        fast.train(), slow.train()
         for m, o in ((fast, opt), (slow, ref_opt)):
             loss_of(m(x)).backward()
             o.step()

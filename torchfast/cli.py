@@ -52,6 +52,7 @@ def _bench(args) -> int:
         else:
             report[name] = suite.rows
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
     if args.report:

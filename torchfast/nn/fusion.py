@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from torchfast.nn import _onednn
 from torchfast.nn.layers import current_weight
+from torchfast.sharded.dtensor import version_counters_track_contents
 from torchfast.ops._registry import autograd_transforms_active, exporting
 
 
@@ -30,6 +31,8 @@ class _WeightInLayout:
     def get(self, weight: Tensor) -> Tensor:
         if weight.is_contiguous(memory_format=torch.channels_last):
             return weight
+        if not version_counters_track_contents():  # FSDP2: the version says nothing about the values
+            return weight.contiguous(memory_format=torch.channels_last)
         try:
             key = (id(weight), weight._version, weight.data_ptr())
         except RuntimeError:  # inference tensors have no version counter

@@ -11,6 +11,7 @@ from torch.nn.utils import parametrize, prune
 
 from torchfast.nn import _onednn
 from torchfast.nn.functional import batch_norm_add_relu
+from torchfast.sharded.dtensor import version_counters_track_contents
 from torchfast.ops._registry import exporting
 
 __all__ = ["BatchNormReLU2d", "BatchNormAddReLU2d", "ConvBNReLU2d", "FoldedConvBN", "ResidualBlock",
@@ -183,7 +184,8 @@ class FoldedConvBN:
     updates, optimizer steps, load_state_dict, .to(), ...). Writes through `.data` bypass version
     counters (as they bypass autograd's checks): after those, switch the mode (`.eval()`) to drop
     the cache. Folded afresh on every call, uncached, while torch.compile/export traces (fake
-    tensors have no data pointers) and for inference tensors (they have no version counter)."""
+    tensors have no data pointers), for inference tensors (they have no version counter) and under
+    FSDP2 (which keeps version counters while it rewrites the parameters)."""
 
     def __init__(self):
         self.key = None
@@ -191,8 +193,9 @@ class FoldedConvBN:
 
     def get(self, conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm, channels_last: bool) -> tuple[Tensor, Tensor]:
         if torch.compiler.is_compiling() or exporting() or parametrize.is_parametrized(conv) or \
-                parametrize.is_parametrized(bn):
-            # traced, or a parametrized weight (weight_norm, spectral_norm: recomputed on each access)
+                parametrize.is_parametrized(bn) or not version_counters_track_contents():
+            # traced, a parametrized weight (weight_norm, spectral_norm: recomputed on each access), or
+            # FSDP2's unsharded parameters (rewritten in place with their version counters kept)
             return _fold_for_layout(conv, bn, channels_last)
         # straight from the modules' dicts: nn.Module.__getattr__ would cost ~1 us per tensor, which
         # shows at batch-1 inference

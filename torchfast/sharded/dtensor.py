@@ -35,6 +35,15 @@ def is_dtensor(t) -> bool:
     return isinstance(t, _DTENSOR)
 
 
+def version_counters_track_contents() -> bool:
+    """Whether a tensor's version counter still changes whenever its contents do. Not under FSDP2
+    (fully_shard, or another composable API): its all-gather writes the new values of a step into the
+    same unsharded parameters with their version counters preserved, so caches keyed on versions
+    (torchfast's folded conv-BN weights, channels_last weight copies) would serve the old values."""
+    module = sys.modules.get("torch.distributed._composable_state")
+    return module is None or not len(module._module_state_mapping)
+
+
 def local(t: Tensor) -> Tensor:
     """The tensor a kernel updates in place: a DTensor's local shard (its own storage, so in-place
     updates reach the DTensor), a plain tensor itself. `_local_tensor` rather than `to_local()`: the
@@ -62,7 +71,7 @@ def total_norm(tensors: list[Tensor], norm_type: float, dtype: Optional[torch.dt
 
     DTensors are grouped by (mesh, sharded mesh dims); each group takes one `local_norm` pass over its
     local shards and one all-reduce per sharded mesh dimension (one collective in all under FSDP2's 1-D
-    mesh), of the p-th power sum (max for inf). Plain tensors are taken as they are on this rank
+    mesh), of the p-th power sum (max for inf, min for -inf). Plain tensors are taken as they are on this rank
     (replicated, as DDP and FSDP2 keep them)."""
     plain: list[Tensor] = []
     groups: dict[tuple, list[Tensor]] = defaultdict(list)
@@ -73,8 +82,11 @@ def total_norm(tensors: list[Tensor], norm_type: float, dtype: Optional[torch.dt
         else:
             plain.append(t)
     norms = [local_norm(plain, norm_type, dtype)] if plain else []
-    for (mesh, sharded_dims), shards in groups.items():
-        norm = local_norm(shards, norm_type, dtype)
+    for (mesh, sharded_dims), all_shards in groups.items():
+        # a min: shards empty on this rank take no part (its identity, inf, stands for none at all)
+        shards = [t for t in all_shards if t.numel()] if norm_type == -math.inf else all_shards
+        norm = local_norm(shards, norm_type, dtype) if shards else \
+            torch.full((), math.inf, dtype=dtype or all_shards[0].dtype, device=all_shards[0].device)
         if sharded_dims:
             import torch.distributed as dist
             norm = _reduce_over(norm, norm_type, [mesh.get_group(d) for d in sharded_dims], dist)
@@ -87,10 +99,11 @@ def total_norm(tensors: list[Tensor], norm_type: float, dtype: Optional[torch.dt
 
 def _reduce_over(norm: Tensor, norm_type: float, process_groups, dist) -> Tensor:
     """The norm over all ranks of `process_groups` from each rank's local norm."""
-    if math.isinf(norm_type):
+    if math.isinf(norm_type):  # inf: the largest |x| of all ranks; -inf: the smallest
         value = norm.clone()
+        op = dist.ReduceOp.MAX if norm_type > 0 else dist.ReduceOp.MIN
         for group in process_groups:
-            dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+            dist.all_reduce(value, op=op, group=group)
         return value
     # p-th powers in fp64 at least as wide as the norm: a sum of squares of fp32 norms keeps its digits
     value = norm.double() ** norm_type if norm.dtype != torch.float64 else norm ** norm_type
