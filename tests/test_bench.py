@@ -115,3 +115,12 @@ def test_timings_band_brackets_the_per_round_ratio():
 
     t = Timings({"a": [1.0, 2.0, 3.0, 4.0, 5.0], "base": [1.0, 1.0, 1.0, 1.0, 1.0]})
     assert t["a"] == 3.0 and t.band("a", "base") == (2.0, 4.0) and t.band("base", "base") == (1.0, 1.0)
+
+
+def test_plot_takes_a_band_that_misses_the_ratio(tmp_path):
+    pytest.importorskip("matplotlib")
+    from torchfast.bench import report, suites
+    suite = suites.Suite("x", plot_rows=[("a: torchfast", 0.5, (0.6, 0.7), "torch"), ("b: torch", 1.2, (0.9, 1.1), "torch"),
+                                         ("c: torchfast", 0.8, None, "torch")])
+    assert report.plot(suite, str(tmp_path / "x.png"), "CPU")
+    assert (tmp_path / "x.png").stat().st_size > 1000

@@ -40,8 +40,9 @@ def plot(suite: Suite, path: str, device_label: str) -> bool:
         return False
     labels = [r[0] for r in rows]
     ratios = [r[1] for r in rows]
-    low = [r[1] - r[2][0] if r[2] else 0.0 for r in rows]
-    high = [r[2][1] - r[1] if r[2] else 0.0 for r in rows]
+    # (the ratio of medians can lie outside the band of per-round ratios: the bar then starts at the ratio)
+    low = [max(0.0, r[1] - r[2][0]) if r[2] else 0.0 for r in rows]
+    high = [max(0.0, r[2][1] - r[1]) if r[2] else 0.0 for r in rows]
     baselines = sorted({r[3] for r in rows})
     fig, ax = plt.subplots(figsize=(9, 0.9 + 0.32 * len(rows)))
     y = range(len(rows))
