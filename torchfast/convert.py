@@ -294,7 +294,7 @@ def _enter_routing(module, args):
     if torch.compiler.is_compiling() or exporting():
         stack.append(None)
         return
-    mode = _SDPARouting()
+    mode = _SDPARouting(automatic=True)
     mode.__enter__()
     stack.append(mode)
 
@@ -318,13 +318,36 @@ def _route_sdpa_calls(model: nn.Module, report: ConversionReport) -> None:
         m.register_forward_pre_hook(_enter_routing)
         m.register_forward_hook(_exit_routing, always_call=True)
         m._torchfast_sdpa_routed = True
-        report.swaps.append((path, "F.scaled_dot_product_attention calls -> torchfast's flash attention"))
+        report.swaps.append((path, "F.scaled_dot_product_attention calls -> torchfast's flash attention (CPU: from "
+                                   "512 x 512 query-key pairs, where it is the faster)"))
+
+
+# On the CPU torchfast's kernel is ahead of torch's SDPA from about 512 x 512 query-key pairs
+# (forward + backward 0.88-0.98x at L = 512-1024; 1.03-1.45x below, where torch's short-sequence
+# path wins; `torchfast bench --suites attention` and the crossover in benchmarks/RESULTS.md).
+CPU_ROUTING_MIN_PAIRS = 512 * 512
+
+
+def _pays(args, kwargs) -> bool:
+    q = args[0] if args else kwargs.get("query")
+    k = args[1] if len(args) > 1 else kwargs.get("key")
+    if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or q.dim() < 2 or k.dim() < 2:
+        return True  # let torchfast's function say what is wrong with the arguments
+    return q.device.type != "cpu" or q.shape[-2] * k.shape[-2] >= CPU_ROUTING_MIN_PAIRS
 
 
 class _SDPARouting(torch.overrides.TorchFunctionMode):
+    """F.scaled_dot_product_attention -> torchfast's. automatic=True (what torchfast.convert installs):
+    only where torchfast's kernel is the faster one (see CPU_ROUTING_MIN_PAIRS); torchfast.enable()
+    routes every call."""
+
+    def __init__(self, automatic: bool = False):
+        super().__init__()
+        self.automatic = automatic
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
+        if func is F.scaled_dot_product_attention and (not self.automatic or _pays(args, kwargs)):
             from torchfast.nn.functional import scaled_dot_product_attention
 
             with torch._C.DisableTorchFunction():
