@@ -291,12 +291,20 @@ _SDPA_CLASSES: dict = {}
 def _enter_routing(module, args):
     stack = _ROUTED.__dict__.setdefault("stack", [])
     # torch.compile and export trace torch's own SDPA (inductor fuses it); eager calls take torchfast's
-    if torch.compiler.is_compiling() or exporting():
+    if torch.compiler.is_compiling() or exporting() or _short_cpu_tokens(args):
         stack.append(None)
         return
     mode = _SDPARouting(automatic=True)
     mode.__enter__()
     stack.append(mode)
+
+
+def _short_cpu_tokens(args) -> bool:
+    """A (batch, tokens, channels) CPU input too short for torchfast's kernel to pay: the mode is not
+    entered at all (inside it every torch call of the forward pays a Python dispatch)."""
+    x = args[0] if args else None
+    return (isinstance(x, torch.Tensor) and x.dim() == 3 and x.device.type == "cpu"
+            and x.shape[1] * x.shape[1] < CPU_ROUTING_MIN_PAIRS)
 
 
 def _exit_routing(module, args, output):
