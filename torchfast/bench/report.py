@@ -61,7 +61,7 @@ def plot(suite: Suite, path: str, device_label: str) -> bool:
     for i, (r, h) in enumerate(zip(ratios, high)):
         ax.text(r + h, i, f"  {r:.2f}", va="center", fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # long row labels: nothing cut off
     plt.close(fig)
     return True
 
