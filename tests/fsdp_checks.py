@@ -182,6 +182,12 @@ def clip_grad_norm_matches_torch():
     ours, theirs = sharded_mlp(), sharded_mlp()
     for m in (ours, theirs):
         loss_of(m(my_half(x))).backward()
+    try:  # documented: no norm_type 0 (a count) on DTensors
+        torchfast.nn.utils.get_total_norm([p.grad for p in ours.parameters()], 0)
+    except ValueError as e:
+        assert "norm_type=0 on DTensor" in str(e)
+    else:
+        raise AssertionError("norm_type=0 on DTensor grads was accepted")
     total = torchfast.nn.utils.clip_grad_norm_(ours.parameters(), 0.01)
     expected = torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.01)
     assert type(total) is type(expected) and total.placements == expected.placements

@@ -51,6 +51,9 @@ def _checkpoint_path(path: str) -> tuple[str, Optional[str]]:
     return path, run_dir if os.path.isfile(os.path.join(run_dir, "summary.json")) else None
 
 
+_NAMES = {"complexnet": "ComplexNetwork", "resnet18": "ResNet-18"}
+
+
 def _is_sharded_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(path, TRAINER_STATE))
 
@@ -81,14 +84,14 @@ def load_run(path: str) -> TrainedRun:
     try:
         in_channels, classes = infer_shape(arch, weights)
     except (KeyError, TypeError, AttributeError, ValueError):
-        raise ExportError(f"{checkpoint}: holds no {arch} weights (not written by `torchfast train`)") from None
+        raise ExportError(f"{checkpoint}: holds no {_NAMES.get(arch, arch)} weights (not written by `torchfast train`)") from None
     kind = summary.get("data", "digits" if in_channels == 1 else "synthetic")
     size = 8 if kind == "digits" else int(summary.get("image_size", 32))
     model = build_model(arch, in_channels, classes, size, fused=True)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise ExportError(f"{checkpoint}: the weights do not fit {arch} ({str(e).splitlines()[0]})") from None
+        raise ExportError(f"{checkpoint}: the weights do not fit {_NAMES.get(arch, arch)} ({str(e).splitlines()[0]})") from None
     model.eval()
     if kind == "digits":
         _, val_set, _, _ = data.digits_datasets()

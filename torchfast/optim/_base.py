@@ -127,12 +127,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         max_norm = group.get("max_grad_norm")
         if max_norm is None or not grads:
             return None
+        # fp32 even for fp16 grads (no overflow); fp64 for fp64 grads, as clip_grad_norm_ computes it
+        dtype = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
         if sharded_grads is not None:
-            norm = sharded.total_norm(sharded_grads, 2.0, torch.float32, clip_ops.total_norm)
+            norm = sharded.total_norm(sharded_grads, 2.0, dtype, clip_ops.total_norm)
         else:
-            norm = clip_ops.total_norm(grads, 2.0, torch.float32)  # fp32 even for fp16 grads: no overflow
+            norm = clip_ops.total_norm(grads, 2.0, dtype)
         if grad_scale is not None:
-            norm = norm / grad_scale.to(device=norm.device, dtype=torch.float32)
+            norm = norm / grad_scale.to(device=norm.device, dtype=norm.dtype)
         self.last_grad_norms[index] = norm
         return clip_coefficient(norm, float(max_norm))
 

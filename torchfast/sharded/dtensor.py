@@ -73,6 +73,10 @@ def total_norm(tensors: list[Tensor], norm_type: float, dtype: Optional[torch.dt
     local shards and one all-reduce per sharded mesh dimension (one collective in all under FSDP2's 1-D
     mesh), of the p-th power sum (max for inf, min for -inf). Plain tensors are taken as they are on this rank
     (replicated, as DDP and FSDP2 keep them)."""
+    if norm_type == 0:
+        raise ValueError("norm_type=0 on DTensor gradients is not supported: torch's counts the tensors whose "
+                         "count of non-zeros is non-zero, which takes a collective per tensor; use 1, 2, inf or "
+                         "another p")
     plain: list[Tensor] = []
     groups: dict[tuple, list[Tensor]] = defaultdict(list)
     for t in tensors:

@@ -32,6 +32,12 @@ def default_units(model: nn.Module) -> list[nn.Module]:
 
     unit_types = (ResidualBlock, PlainResidualBlock, nn.MultiheadAttention, nn.TransformerEncoderLayer,
                   nn.TransformerDecoderLayer)
-    units = [m for m in model.modules() if m is not model and (isinstance(m, unit_types) or
-                                                               type(m).__name__ in ("BasicBlock", "Bottleneck"))]
+    from torchfast.models import ComplexNetwork
+
+    # inside ComplexNetwork's features the fused conv -> ReLU -> pool path runs only while no submodule
+    # carries hooks (FSDP's, on a unit): the block stays in the root unit there
+    fused_features = {id(m) for net in model.modules() if isinstance(net, ComplexNetwork)
+                      for m in net.features.modules()}
+    units = [m for m in model.modules() if m is not model and id(m) not in fused_features and
+             (isinstance(m, unit_types) or type(m).__name__ in ("BasicBlock", "Bottleneck"))]
     return units[::-1]
