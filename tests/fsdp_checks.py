@@ -272,20 +272,26 @@ def train_steps(model, opt, xs):
         opt.zero_grad()
 
 
+def saved_and_resumed(first_cls, second_cls, kwargs, path, xs):
+    """(model, resumed): `first_cls` trains 3 steps, is saved through DCP and trains on; a fresh model with
+    `second_cls` loads the checkpoint and takes the same remaining steps."""
+    model = sharded_mlp()
+    opt = first_cls(model.parameters(), **kwargs)
+    train_steps(model, opt, xs[:3])
+    dcp_save(model, opt, path)
+    train_steps(model, opt, xs[3:])
+    resumed = sharded_mlp()
+    resumed_opt = second_cls(resumed.parameters(), **kwargs)
+    dcp_load(resumed, resumed_opt, path)
+    train_steps(resumed, resumed_opt, xs[3:])
+    return model, resumed
+
+
 @check
 def dcp_save_load_continues_identically():
     xs = batches(5)
     for name, (_, fast_cls, kwargs) in OPTIMIZERS.items():
-        path = os.path.join(OUT, f"dcp-{name}")
-        model = sharded_mlp()
-        opt = fast_cls(model.parameters(), **kwargs)
-        train_steps(model, opt, xs[:3])
-        dcp_save(model, opt, path)
-        train_steps(model, opt, xs[3:])
-        again = sharded_mlp()
-        again_opt = fast_cls(again.parameters(), **kwargs)
-        dcp_load(again, again_opt, path)
-        train_steps(again, again_opt, xs[3:])
+        model, again = saved_and_resumed(fast_cls, fast_cls, kwargs, os.path.join(OUT, f"dcp-{name}"), xs)
         for p, q in zip(model.parameters(), again.parameters()):
             assert torch.equal(p.to_local(), q.to_local()), f"{name}: the resumed run differs"
 
@@ -296,15 +302,7 @@ def torch_optim_checkpoints_load_both_ways():
     for name, (torch_cls, fast_cls, kwargs) in OPTIMIZERS.items():
         for first, second in ((torch_cls, fast_cls), (fast_cls, torch_cls)):
             path = os.path.join(OUT, f"cross-{name}-{first.__module__.split('.')[0]}")
-            model = sharded_mlp()
-            opt = first(model.parameters(), **kwargs)
-            train_steps(model, opt, xs[:3])
-            dcp_save(model, opt, path)
-            train_steps(model, opt, xs[3:])
-            other = sharded_mlp()
-            other_opt = second(other.parameters(), **kwargs)
-            dcp_load(other, other_opt, path)
-            train_steps(other, other_opt, xs[3:])
+            model, other = saved_and_resumed(first, second, kwargs, path, xs)
             for p, q in zip(model.parameters(), other.parameters()):
                 torch.testing.assert_close(p.to_local(), q.to_local(), rtol=1e-6, atol=1e-7,
                                            msg=lambda m: f"{name} {first.__module__} -> {second.__module__}: {m}")
