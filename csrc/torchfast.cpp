@@ -63,6 +63,22 @@ TF_DEFINE_LIBRARY(TORCHFAST_NAMESPACE, m) {
       "Tensor save_invstd, bool training, bool relu, bool has_residual) -> (Tensor grad_input, "
       "Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
 
+  // ---- ReLU + max pooling (csrc/pool) -------------------------------------------------------
+  // out = max_pool2d(relu?(input)) = relu?(max_pool2d(input)) for (N, C, H, W) inputs, contiguous or
+  // channels_last (out and argmax keep the input's layout); dilation 1, floor mode, padding at most
+  // half the kernel, windows of at most 256 elements. argmax (uint8): the position of each window's
+  // maximum inside the window (row * kernel_w + col), torch's choice of element (NaN wins; else the
+  // first maximum), so the gradients are torch's.
+  m.def(
+      "relu_max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, bool relu) -> "
+      "(Tensor out, Tensor argmax)");
+  // Gradient of relu_max_pool2d for an input of input_size: each window's gradient goes to its
+  // maximum, none where relu and out <= 0. Every input gradient is written once (summed over the
+  // windows that picked it when windows overlap), in channels_last when asked.
+  m.def(
+      "relu_max_pool2d_backward(Tensor grad_out, Tensor out, Tensor argmax, SymInt[] input_size, "
+      "int[2] kernel_size, int[2] stride, int[2] padding, bool relu, bool channels_last) -> Tensor");
+
   // ---- scaled dot-product attention (csrc/attention) -----------------------------------------
   // Flash attention: softmax(scale * q k^T + mask) v without materialising the (L, S) scores.
   // query (B, H, L, D), key (B, H, S, D), value (B, H, S, Dv); any strides with the last dim

@@ -16,7 +16,7 @@ import torch
 
 # Every compiled op, by its name in the torchfast namespace.
 OPS = ("fused_adam_", "fused_sgd_", "total_norm", "clip_grads_with_norm_", "bn_add_relu", "bn_add_relu_backward",
-       "flash_attention", "flash_attention_backward")
+       "relu_max_pool2d", "relu_max_pool2d_backward", "flash_attention", "flash_attention_backward")
 
 REBUILD_HINT = (
     "Rebuild against the installed torch with `pip install --no-build-isolation --force-reinstall .` "

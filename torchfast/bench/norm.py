@@ -1,11 +1,12 @@
-"""Batch norm suite: fused BN + add + ReLU vs eager (contiguous and channels_last), and the
-ResidualBlock's train step and inference against the cheat sheet's block (eager, channels_last,
-torch.compile)."""
+"""Batch norm suite: fused BN + add + ReLU vs eager (contiguous and channels_last), ReLU + max
+pooling (torchfast/bench/pool.py), and the ResidualBlock's train step and inference against the
+cheat sheet's block (eager, channels_last, torch.compile)."""
 from __future__ import annotations
 
 import torch
 
 import torchfast
+from torchfast.bench.pool import pool_rows
 from torchfast.bench.timing import interleaved_medians
 from torchfast.reference import modules as plain
 
@@ -42,6 +43,7 @@ def norm_report(device="cpu", rounds=10, warmup=2, batch=32, channels=64, size=3
             rows.append({"bench": f"BN+add+ReLU fwd+bwd{label}", "impl": impl, "median_ms": med[impl] * 1e3,
                          "GB/s": nbytes / med[impl] / 1e9, "ratio": med[impl] / med["eager"],
                          "band": med.band(impl, "eager")})
+    rows += pool_rows(device, rounds, warmup, batch, channels, size, dtype)
 
     seed = plain.ResidualBlock(channels).to(device, dtype)
     ours = torchfast.nn.ResidualBlock(channels).to(device, dtype)

@@ -10,8 +10,10 @@ from torch import Tensor
 
 from torchfast.ops import attention as attention_ops
 from torchfast.ops import norm as norm_ops
+from torchfast.ops import pool as pool_ops
+from torchfast.ops._registry import exporting
 
-__all__ = ["batch_norm_add_relu", "scaled_dot_product_attention"]
+__all__ = ["batch_norm_add_relu", "relu_max_pool2d", "scaled_dot_product_attention"]
 
 
 def batch_norm_add_relu(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -135,3 +137,33 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     seed = _draw_dropout_seed() if dropout_p > 0.0 else None
     out, _ = attention_ops.flash_attention(query, key, value, mask, is_causal, scale, dropout_p, seed)
     return out.reshape(*lead, L, value.size(-1))
+
+
+def _pair(value, name: str) -> list:
+    values = [value, value] if isinstance(value, int) else list(value)
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or not all(isinstance(v, int) for v in values):
+        raise ValueError(f"relu_max_pool2d: {name} must be an int or a pair of ints, got {value!r}")
+    return values
+
+
+def relu_max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, relu: bool = True) -> Tensor:
+    """F.max_pool2d(F.relu(input), kernel_size, stride, padding) in one pass (max pooling commutes
+    with ReLU, gradients included): the same values and gradients as those two torch ops, for
+    (N, C, H, W) or (C, H, W) inputs, contiguous or channels_last (the output keeps the layout).
+    Its backward keeps one byte per output (the maximum's place in its window) instead of torch's
+    int64 index, and writes each input gradient once. relu=False is plain max pooling. Dilation and
+    ceil_mode are F.max_pool2d's (not taken here). While a model is exported the two torch ops run."""
+    kernel = _pair(kernel_size, "kernel_size")
+    strides = kernel if stride is None or (not isinstance(stride, int) and len(stride) == 0) else _pair(stride, "stride")
+    pads = _pair(padding, "padding")
+    if input.dim() not in (3, 4):
+        raise ValueError(f"relu_max_pool2d: expected a 3-D (C, H, W) or 4-D (N, C, H, W) input, got shape "
+                         f"{tuple(input.shape)}")
+    if exporting():  # the canonical ReLU -> MaxPool, which exporters and quantizers pattern-match
+        x = torch.relu(input) if relu else input
+        return torch.nn.functional.max_pool2d(x, kernel, strides, pads)
+    if input.dim() == 3:
+        return relu_max_pool2d(input.unsqueeze(0), kernel, strides, pads, relu).squeeze(0)
+    return pool_ops.relu_max_pool2d(input, kernel, strides, pads, relu)[0]

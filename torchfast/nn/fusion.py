@@ -6,6 +6,12 @@ in cache; no separate pass, no extra activation tensor). Backward (training): th
 read off the output (out > 0, as for torch's ReLU), then torch's own convolution backward. Where the
 oneDNN op does not apply (not CPU fp32, small inputs, traced, string padding, hooks, autocast) the
 plain conv + ReLU run instead.
+
+A following nn.MaxPool2d joins them as torchfast's relu_max_pool2d (csrc/pool): after the post-op
+convolution it pools the ReLU's output, and its backward applies the ReLU's mask and routes each
+window's gradient in one pass (no threshold_backward, no int64 indices, the convolution's output not
+kept for backward); after a plain convolution (CUDA, other dtypes) it is the ReLU and the pool in one
+kernel.
 """
 from __future__ import annotations
 
@@ -16,9 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchfast.nn import _onednn
+from torchfast.nn.functional import relu_max_pool2d
+from torchfast.ops import pool as pool_ops
 from torchfast.nn.layers import current_weight
 from torchfast.sharded.dtensor import version_counters_track_contents
 from torchfast.ops._registry import autograd_transforms_active, exporting
+from torchfast.reference import pool as ref_pool
 
 
 class _WeightInLayout:
@@ -64,6 +73,56 @@ class _ConvReLUFunction(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None, None
 
 
+class _ConvReLUPoolFunction(torch.autograd.Function):
+    """pool(relu(conv(x))) with the ReLU as the convolution's post-op; backward: the pool's gradient
+    with the ReLU's mask in one kernel, then the convolution's."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, weight_in_layout, window):
+        out = _onednn.conv2d_relu(x, weight_in_layout, bias, stride, padding, dilation, groups, True)
+        pooled, argmax = pool_ops.relu_max_pool2d(out, *window, False)
+        ctx.save_for_backward(x, weight, pooled, argmax)
+        ctx.conf = (stride, padding, dilation, groups, bias is not None, window, list(out.shape),
+                    _channels_last(out))
+        ctx.mark_non_differentiable(argmax)
+        return pooled, argmax
+
+    @staticmethod
+    def backward(ctx, grad_pooled, _grad_argmax):
+        x, weight, pooled, argmax = ctx.saved_tensors
+        stride, padding, dilation, groups, has_bias, window, out_size, channels_last = ctx.conf
+        # the ReLU's mask read off the pooled output: a window's maximum passes the ReLU iff it is > 0
+        backward = ref_pool.relu_max_pool2d_backward if torch.is_grad_enabled() else pool_ops.relu_max_pool2d_backward
+        grad = backward(grad_pooled, pooled, argmax, out_size, *window, True, channels_last)
+        need = ctx.needs_input_grad
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad, x, weight, [weight.size(0)] if has_bias else None, list(stride), list(padding), list(dilation),
+            False, [0, 0], groups, [need[0], need[1], has_bias and need[2]])
+        return gx, gw, gb, None, None, None, None, None, None
+
+
+def _channels_last(x: Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _as_pair(v) -> list:
+    return [v, v] if isinstance(v, int) else list(v)
+
+
+def pool_window(pool: Optional[nn.MaxPool2d]) -> Optional[tuple]:
+    """(kernel_size, stride, padding) of a max pool that relu_max_pool2d computes (dilation 1, floor
+    mode, no indices returned, windows of at most 256 elements), else None."""
+    if pool is None or type(pool) is not nn.MaxPool2d or pool.return_indices or pool.ceil_mode or \
+            _as_pair(pool.dilation) != [1, 1]:
+        return None
+    kernel = _as_pair(pool.kernel_size)
+    stride = kernel if pool.stride is None or pool.stride == () or pool.stride == [] else _as_pair(pool.stride)
+    padding = _as_pair(pool.padding)
+    if len(kernel) != 2 or kernel[0] * kernel[1] > 256 or any(2 * p > k or p < 0 for p, k in zip(padding, kernel)):
+        return None
+    return kernel, stride, padding
+
+
 def _fusable(conv: nn.Conv2d, x: Tensor) -> bool:
     """Whether oneDNN's post-op convolution serves this call. Forward-mode AD and torch.func
     transforms take the plain ops (the fused backward is reverse-mode only)."""
@@ -91,18 +150,37 @@ def conv2d_relu(conv: nn.Conv2d, x: Tensor, cache: Optional[_WeightInLayout] = N
 def conv_relu_pool(conv: nn.Conv2d, pool: Optional[nn.MaxPool2d], x: Tensor,
                    cache: Optional[_WeightInLayout] = None) -> Tensor:
     """pool?(relu(conv(x))) with the ReLU fused: into the convolution as a oneDNN post-op where that
-    applies (CPU fp32), else after the pool, on a quarter of the elements (exact: max pooling
-    commutes with ReLU, gradients included: the window's maximum is the same element either way, and
-    a window whose maximum is <= 0 passes no gradient in both orders)."""
+    applies (CPU fp32), else into the pool (torchfast's relu_max_pool2d), else after the pool, on a
+    quarter of the elements (exact: max pooling commutes with ReLU, gradients included: the window's
+    maximum is the same element either way, and a window whose maximum is <= 0 passes no gradient
+    in both orders)."""
+    window = pool_window(pool)
     if _fusable(conv, x):
-        out = _fused_conv_relu(conv, x, cache)
-        return pool(out) if pool is not None else out
+        if window is None or not pool_ops.kernel_serves(x):
+            out = _fused_conv_relu(conv, x, cache)
+            return pool(out) if pool is not None else out
+        return _fused_conv_relu_pool(conv, x, cache, window)
     out = conv(x)
     if pool is None:
         return F.relu(out)
+    if window is not None and not torch.compiler.is_compiling() and pool_ops.kernel_serves(out):
+        # (under torch.compile inductor fuses the plain ReLU and pool itself)
+        return relu_max_pool2d(out, *window, relu=True)
     if exporting():  # the canonical conv -> ReLU -> pool, which exporters and quantizers pattern-match
         return pool(F.relu(out))
     return F.relu(pool(out), inplace=True)  # the pool's output is fresh (its backward keeps only indices)
+
+
+def _fused_conv_relu_pool(conv: nn.Conv2d, x: Tensor, cache: Optional[_WeightInLayout], window: tuple) -> Tensor:
+    weight = current_weight(conv)
+    in_layout = (cache.get(weight) if cache is not None else weight.contiguous(memory_format=torch.channels_last)) \
+        if _channels_last(x) else weight
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
+                                    (conv.bias is not None and conv.bias.requires_grad)):
+        return _ConvReLUPoolFunction.apply(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation,
+                                           conv.groups, in_layout, window)[0]
+    out = _onednn.conv2d_relu(x, in_layout, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups, True)
+    return pool_ops.relu_max_pool2d(out, *window, False)[0]
 
 
 def _is(m, cls) -> bool:

@@ -1,2 +1,2 @@
 """The Python face of every compiled op family: one module per family."""
-from torchfast.ops import attention, clip, norm, optim  # noqa: F401
+from torchfast.ops import attention, clip, norm, optim, pool  # noqa: F401
