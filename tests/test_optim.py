@@ -456,3 +456,36 @@ def test_in_place_update_bumps_versions_and_refuses_grad_mode():
     with pytest.raises(RuntimeError, match="call it under torch.no_grad"):
         torch.ops.torchfast.fused_adam_(*lists, lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0, eps=1e-8,
                                         amsgrad=False, maximize=False, decoupled_weight_decay=False)
+
+
+def test_building_and_stepping_does_not_import_dynamo(tmp_path):
+    """torch.optim wraps add_param_group (called by __init__), zero_grad, state_dict and
+    load_state_dict in torch._disable_dynamo, whose first call imports torch._dynamo (over a second
+    of start-up); torchfast's optimizers run them undecorated outside compiled code."""
+    import subprocess
+    import sys
+    code = ("import sys, torch, torchfast\n"
+            "p = torch.nn.Parameter(torch.randn(3))\n"
+            "for cls in (torchfast.optim.SGD, torchfast.optim.Adam, torchfast.optim.AdamW):\n"
+            "    opt = cls([p], lr=0.1)\n"
+            "    p.grad = torch.ones(3); opt.step(); opt.zero_grad()\n"
+            "    opt.load_state_dict(opt.state_dict()); opt.add_param_group({'params': [torch.nn.Parameter(torch.ones(2))]})\n"
+            "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n")
+    import os
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(torchfast.__file__)))}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_undecorated_methods_still_work_inside_compiled_code():
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = torchfast.optim.AdamW([p], lr=0.1)
+    p.grad = torch.ones(4)
+
+    @torch.compile(backend="eager")
+    def clear():
+        opt.zero_grad(set_to_none=True)
+        return p * 2
+
+    clear()
+    assert p.grad is None

@@ -53,17 +53,17 @@ void pool_channels_scalar(const scalar_t* x, scalar_t* out, uint8_t* argmax, con
   using acc_t = acc_type_t<scalar_t>;
   for (int64_t c = c0; c < c1; ++c) {
     acc_t best = -std::numeric_limits<acc_t>::infinity();
-    uint8_t at = offset_in(g, w, w.hs, w.ws);
+    uint8_t where = offset_in(g, w, w.hs, w.ws);
     for (int64_t ih = w.hs; ih < w.he; ++ih)
       for (int64_t iw = w.ws; iw < w.we; ++iw) {
         const acc_t v = static_cast<acc_t>(x[((n * g.H + ih) * g.W + iw) * g.C + c]);
         if (pool_takes(v, best)) {
           best = v;
-          at = offset_in(g, w, ih, iw);
+          where = offset_in(g, w, ih, iw);
         }
       }
     out[c] = static_cast<scalar_t>(pool_relu(best, relu));
-    argmax[c] = at;
+    argmax[c] = where;
   }
 }
 
@@ -84,18 +84,18 @@ void forward_channels_last(const scalar_t* x, scalar_t* out, uint8_t* argmax, co
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
         for (; c + L <= g.C; c += L) {
           Vec best(-std::numeric_limits<acc_t>::infinity());
-          Vec at(static_cast<acc_t>(offset_in(g, w, w.hs, w.ws)));
+          Vec where(static_cast<acc_t>(offset_in(g, w, w.hs, w.ws)));
           for (int64_t ih = w.hs; ih < w.he; ++ih)
             for (int64_t iw = w.ws; iw < w.we; ++iw) {
               const Vec v = Vec::loadu(x + ((n * g.H + ih) * g.W + iw) * g.C + c);
               const Vec take = (v > best) | v.isnan();
               best = Vec::blendv(best, v, take);
-              at = Vec::blendv(at, Vec(static_cast<acc_t>(offset_in(g, w, ih, iw))), take);
+              where = Vec::blendv(where, Vec(static_cast<acc_t>(offset_in(g, w, ih, iw))), take);
             }
           if (relu) best = Vec::blendv(best, Vec(acc_t(0)), best < Vec(acc_t(0)));
           best.store(o + c);
           acc_t pos[L];
-          at.store(pos);
+          where.store(pos);
           for (int64_t j = 0; j < L; ++j) a[c + j] = static_cast<uint8_t>(pos[j]);
         }
       }
@@ -116,17 +116,17 @@ void forward_planar(const scalar_t* x, scalar_t* out, uint8_t* argmax, const Poo
       for (int64_t ow = 0; ow < g.OW; ++ow) {
         const Window w = window_of(g, oh, ow);
         acc_t best = -std::numeric_limits<acc_t>::infinity();
-        uint8_t at = offset_in(g, w, w.hs, w.ws);
+        uint8_t where = offset_in(g, w, w.hs, w.ws);
         for (int64_t ih = w.hs; ih < w.he; ++ih)
           for (int64_t iw = w.ws; iw < w.we; ++iw) {
             const acc_t v = static_cast<acc_t>(xp[ih * g.W + iw]);
             if (pool_takes(v, best)) {
               best = v;
-              at = offset_in(g, w, ih, iw);
+              where = offset_in(g, w, ih, iw);
             }
           }
         out[row * g.OW + ow] = static_cast<scalar_t>(pool_relu(best, relu));
-        argmax[row * g.OW + ow] = at;
+        argmax[row * g.OW + ow] = where;
       }
     }
   });

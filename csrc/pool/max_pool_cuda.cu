@@ -69,18 +69,18 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t hs = h0 < 0 ? 0 : h0, ws = w0 < 0 ? 0 : w0;
     const int64_t he = h0 + g.kh < g.H ? h0 + g.kh : g.H, we = w0 + g.kw < g.W ? w0 + g.kw : g.W;
     acc_t best = -std::numeric_limits<acc_t>::infinity();
-    int at = static_cast<int>((hs - h0) * g.kw + (ws - w0));
+    int where = static_cast<int>((hs - h0) * g.kw + (ws - w0));
     for (int64_t ih = hs; ih < he; ++ih)
       for (int64_t iw = ws; iw < we; ++iw) {
         const acc_t v = static_cast<acc_t>(
             x[flatten(g, H, W, n, c, static_cast<index_t>(ih), static_cast<index_t>(iw))]);
         if (pool_takes(v, best)) {
           best = v;
-          at = static_cast<int>((ih - h0) * g.kw + (iw - w0));
+          where = static_cast<int>((ih - h0) * g.kw + (iw - w0));
         }
       }
     out[i] = static_cast<scalar_t>(pool_relu(best, relu));
-    argmax[i] = static_cast<uint8_t>(at);
+    argmax[i] = static_cast<uint8_t>(where);
   }
 }
 

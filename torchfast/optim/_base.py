@@ -2,6 +2,7 @@
 layout, loading torch's checkpoints), the learning-rate argument and the GradScaler protocol."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -46,6 +47,24 @@ def lr_arguments(lr, device: torch.device) -> tuple[float, Optional[Tensor]]:
     return float(lr), None
 
 
+def _outside_dynamo(name: str):
+    """torch.optim.Optimizer.<name> without torch._disable_dynamo's wrapper outside compiled code.
+
+    torch wraps state_dict, load_state_dict, zero_grad and add_param_group (called by __init__) in
+    torch._disable_dynamo, whose first call imports torch._dynamo: 1.2-1.6 s measured here, paid by
+    every process that builds an optimizer, compiled or not. Eager callers get the undecorated
+    method (what the wrapper itself runs); inside a compiled region torch's own wrapper runs."""
+    decorated = getattr(torch.optim.Optimizer, name)
+    undecorated = getattr(decorated, "__wrapped__", decorated)
+
+    @functools.wraps(undecorated)
+    def method(self, *args, **kwargs):
+        fn = decorated if torch.compiler.is_compiling() else undecorated
+        return fn(self, *args, **kwargs)
+
+    return method
+
+
 class FusedOptimizer(torch.optim.Optimizer):
     """Base of torchfast's optimizers: a torch.optim.Optimizer whose step runs one fused op per group.
 
@@ -67,6 +86,11 @@ class FusedOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
     last_grad_norms: list
 
+    add_param_group = _outside_dynamo("add_param_group")
+    zero_grad = _outside_dynamo("zero_grad")
+    state_dict = _outside_dynamo("state_dict")
+    _load_state_dict = _outside_dynamo("load_state_dict")
+
     @property
     def last_grad_norm(self) -> Optional[Tensor]:
         norms = [n for n in getattr(self, "last_grad_norms", []) if n is not None]
@@ -83,8 +107,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 group.setdefault(key, value)
         self._fix_loaded_state()
 
+    @functools.wraps(torch.optim.Optimizer.load_state_dict)
     def load_state_dict(self, state_dict) -> None:
-        super().load_state_dict(state_dict)
+        self._load_state_dict(state_dict)
         self._fix_loaded_state()
 
     def _fix_loaded_state(self) -> None:
