@@ -94,8 +94,11 @@ void forward_channels_last(const scalar_t* x, scalar_t* out, uint8_t* argmax, co
             }
           if (relu) best = Vec::blendv(best, Vec(acc_t(0)), best < Vec(acc_t(0)));
           best.store(o + c);
-          acc_t pos[L];
-          where.store(pos);
+          // positions as integers in one vector conversion, then narrowed to bytes (a float -> byte
+          // conversion per element costs more than the window's loads)
+          const auto ints = at::vec::convert_to_int_of_same_size(where);
+          typename std::decay_t<decltype(ints)>::value_type pos[L];
+          ints.store(pos);
           for (int64_t j = 0; j < L; ++j) a[c + j] = static_cast<uint8_t>(pos[j]);
         }
       }

@@ -156,10 +156,11 @@ def conv_relu_pool(conv: nn.Conv2d, pool: Optional[nn.MaxPool2d], x: Tensor,
     in both orders)."""
     window = pool_window(pool)
     if _fusable(conv, x):
-        if window is None or not pool_ops.kernel_serves(x):
-            out = _fused_conv_relu(conv, x, cache)
-            return pool(out) if pool is not None else out
-        return _fused_conv_relu_pool(conv, x, cache, window)
+        if window is not None and _wants_grad(conv, x) and pool_ops.kernel_serves(x):
+            return _fused_conv_relu_pool(conv, x, cache, window)
+        # inference: torch's max pooling is as fast as relu_max_pool2d's forward and keeps no argmax
+        out = _fused_conv_relu(conv, x, cache)
+        return pool(out) if pool is not None else out
     out = conv(x)
     if pool is None:
         return F.relu(out)
@@ -171,16 +172,18 @@ def conv_relu_pool(conv: nn.Conv2d, pool: Optional[nn.MaxPool2d], x: Tensor,
     return F.relu(pool(out), inplace=True)  # the pool's output is fresh (its backward keeps only indices)
 
 
+def _wants_grad(conv: nn.Conv2d, x: Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or current_weight(conv).requires_grad or
+                                        (conv.bias is not None and conv.bias.requires_grad))
+
+
 def _fused_conv_relu_pool(conv: nn.Conv2d, x: Tensor, cache: Optional[_WeightInLayout], window: tuple) -> Tensor:
+    """Training: the post-op convolution, relu_max_pool2d, and one backward for both."""
     weight = current_weight(conv)
     in_layout = (cache.get(weight) if cache is not None else weight.contiguous(memory_format=torch.channels_last)) \
         if _channels_last(x) else weight
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
-                                    (conv.bias is not None and conv.bias.requires_grad)):
-        return _ConvReLUPoolFunction.apply(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation,
-                                           conv.groups, in_layout, window)[0]
-    out = _onednn.conv2d_relu(x, in_layout, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups, True)
-    return pool_ops.relu_max_pool2d(out, *window, False)[0]
+    return _ConvReLUPoolFunction.apply(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
+                                       in_layout, window)[0]
 
 
 def _is(m, cls) -> bool:
