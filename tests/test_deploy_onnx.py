@@ -49,6 +49,11 @@ class BNReLUNoAffine(nn.Module):
         return self.bn(x)
 
 
+class ReLUPool(nn.Module):
+    def forward(self, x):
+        return torchfast.nn.functional.relu_max_pool2d(x, 3, 2, 1)
+
+
 class MHA(nn.Module):
     """torchfast.nn.MultiheadAttention with batch-first outside (so the batch is dim 0 everywhere)."""
 
@@ -94,6 +99,7 @@ def _cases():
         "BatchNormReLU2d": (lambda: torchfast.nn.BatchNormReLU2d(6), (x4,)),
         "BatchNormReLU2d-noaffine": (BNReLUNoAffine, (x4,)),
         "BatchNormAddReLU2d": (BNAdd, (x4, torch.randn(2, 6, 5, 7))),
+        "relu_max_pool2d": (ReLUPool, (x4,)),
         "MHA": (lambda: MHA(), (q, kv)),
         "MHA-seq-first": (lambda: MHA(batch_first=False), (q, kv)),
         "MHA-key_padding_mask": (lambda: MHA(kpm=True), (q, kv)),
@@ -126,6 +132,8 @@ def test_export_matches_onnxruntime_at_other_batch_sizes(case, exporter, opset, 
         assert ("Attention" in report.nodes) == (opset >= 23), report.nodes
     if case.startswith(("ResidualBlock", "ConvBNReLU")):
         assert "BatchNormalization" not in report.nodes  # folded into the convolutions
+    if case in ("relu_max_pool2d", "ComplexNetwork"):
+        assert "MaxPool" in report.nodes and "Relu" in report.nodes, report.nodes
     assert not lower_to_reference()
 
 
