@@ -62,7 +62,7 @@ def test_matches_torch_forward_and_backward(device, case, layout, dtype):
         # in fp64 (the values are exact in every dtype): overlapping windows sum gradients, which
         # torch's reduced-precision backward rounds after each term, the kernel once
         xr = x.detach().double().requires_grad_()
-        out = relu_max_pool2d(x, *window, relu=relu)
+        out = pool_ops.relu_max_pool2d(x, *window, relu)[0]  # the kernel, in every layout
         expect = _torch(xr, window, relu)
         assert out.dtype == dtype and out.shape == expect.shape
         torch.testing.assert_close(out, expect.to(dtype), rtol=0, atol=0)  # max pooling is exact
@@ -100,7 +100,7 @@ def test_nan_inf_and_ties_pick_torchs_element(device, layout):
         for relu in (True, False):
             a = x.clone().requires_grad_()
             b = x.clone().requires_grad_()
-            out = relu_max_pool2d(a, *window, relu=relu)
+            out = pool_ops.relu_max_pool2d(a, *window, relu)[0]
             expect = _torch(b, window, relu)
             torch.testing.assert_close(out, expect, rtol=0, atol=0, equal_nan=True)
             grad = torch.arange(1.0, out.numel() + 1, device=device).view(out.shape)
@@ -114,13 +114,28 @@ def test_unbatched_and_int_arguments(device):
     x = torch.randn(4, 9, 11, device=device)
     torch.testing.assert_close(relu_max_pool2d(x, 3, 2, 1), F.max_pool2d(F.relu(x), 3, 2, 1))
     torch.testing.assert_close(relu_max_pool2d(x, 2), F.max_pool2d(F.relu(x), 2))
+    big = torch.randn(1, 2, 20, 20, device=device)  # a 17x17 window: torch's ops (past the byte argmax)
+    torch.testing.assert_close(relu_max_pool2d(big, 17, 1), F.max_pool2d(F.relu(big), 17, 1))
+
+
+def test_functional_takes_the_kernel_where_it_pays(device):
+    """channels_last CPU inputs and CUDA inputs: the kernel (its op in the autograd graph); NCHW
+    CPU inputs: torch's ReLU and pool, the faster there."""
+    require_kernel("relu_max_pool2d", device)
+    for layout in ("contiguous", "channels_last"):
+        x = _input((2, 8, 6, 6), torch.float32, layout, device).requires_grad_()
+        out = relu_max_pool2d(x, 2)
+        kernel = device != "cpu" or layout == "channels_last"
+        assert ("relu_max_pool2d" in type(out.grad_fn).__name__.lower() or
+                "torchfast" in str(out.grad_fn.name())) == kernel, out.grad_fn.name()
+        torch.testing.assert_close(out, F.max_pool2d(F.relu(x), 2))
 
 
 def test_empty_batch_and_channels(device):
     require_kernel("relu_max_pool2d", device)
     for shape in ((0, 4, 6, 6), (2, 0, 6, 6)):  # (torch's max_pool2d refuses zero channels)
         x = torch.randn(shape, device=device, requires_grad=True)
-        out = relu_max_pool2d(x, 2)
+        out = pool_ops.relu_max_pool2d(x, [2, 2], [2, 2], [0, 0], True)[0]
         assert out.shape == (*shape[:2], 3, 3)
         out.sum().backward()
         assert x.grad.shape == x.shape
@@ -130,8 +145,12 @@ def test_gradcheck_and_double_backward(device):
     require_kernel("relu_max_pool2d", device)
     for window in WINDOWS[:3]:
         x = _input((2, 3, 6, 5), torch.float64, "contiguous", device).div(7).requires_grad_()
-        assert torch.autograd.gradcheck(lambda t: relu_max_pool2d(t, *window), (x,))
-        assert torch.autograd.gradgradcheck(lambda t: relu_max_pool2d(t, *window), (x,))
+        for layout in ("contiguous", "channels_last"):
+            t0 = x.detach().contiguous(memory_format=torch.channels_last if layout == "channels_last"
+                                       else torch.contiguous_format).requires_grad_()
+            fn = lambda t: pool_ops.relu_max_pool2d(t, *window, True)[0]  # noqa: E731
+            assert torch.autograd.gradcheck(fn, (t0,))
+            assert torch.autograd.gradgradcheck(fn, (t0,))
 
 
 def test_opcheck(device):
@@ -148,7 +167,7 @@ def test_opcheck(device):
 
 def test_compile_fullgraph(device):
     require_kernel("relu_max_pool2d", device)
-    x = torch.randn(2, 8, 10, 10, device=device, requires_grad=True)
+    x = torch.randn(2, 8, 10, 10, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()
     fn = torch.compile(lambda t: relu_max_pool2d(t * 2, 2).sum(), fullgraph=True, backend="aot_eager")
     fn(x).backward()
     xr = x.detach().clone().requires_grad_()

@@ -1,6 +1,7 @@
 """ReLU + max pooling rows (part of the norm suite: the epilogues between a network's convolutions):
 torchfast.nn.functional.relu_max_pool2d against eager F.max_pool2d(F.relu(x)), the cheat sheet's
-conv -> ReLU -> MaxPool2d(2) tail, in both layouts, forward (inference) and forward + backward."""
+conv -> ReLU -> MaxPool2d(2) tail, forward (inference) and forward + backward: channels_last (NCHW
+too on CUDA)."""
 from __future__ import annotations
 
 import torch
@@ -17,7 +18,10 @@ def pool_rows(device="cpu", rounds=10, warmup=2, batch=32, channels=64, size=32,
     # bytes: the forward reads x and writes the pooled output (a quarter); the backward reads the
     # pooled gradient and writes dx. Indices/argmax not counted.
     fwd_bytes = 1.25 * x.numel() * x.element_size()
-    for label, inp in (("", x), (", channels_last", x.contiguous(memory_format=torch.channels_last))):
+    layouts = [(", channels_last", x.contiguous(memory_format=torch.channels_last))]
+    if torch.device(device).type != "cpu":  # on the CPU, NCHW inputs run torch's ops (ops/pool.py)
+        layouts.insert(0, ("", x))
+    for label, inp in layouts:
         with torch.no_grad():
             med = interleaved_medians({"eager": lambda: F.max_pool2d(F.relu(inp), 2),
                                        "torchfast": lambda: relu_max_pool2d(inp, 2)}, device, rounds, warmup)

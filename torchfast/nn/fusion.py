@@ -164,7 +164,7 @@ def conv_relu_pool(conv: nn.Conv2d, pool: Optional[nn.MaxPool2d], x: Tensor,
     out = conv(x)
     if pool is None:
         return F.relu(out)
-    if window is not None and not torch.compiler.is_compiling() and pool_ops.kernel_serves(out):
+    if window is not None and not torch.compiler.is_compiling() and pool_ops.fused_pays(out):
         # (under torch.compile inductor fuses the plain ReLU and pool itself)
         return relu_max_pool2d(out, *window, relu=True)
     if exporting():  # the canonical conv -> ReLU -> pool, which exporters and quantizers pattern-match

@@ -74,6 +74,14 @@ def kernel_serves(input: Tensor) -> bool:
             and _loader.has_kernel("relu_max_pool2d_backward", device))
 
 
+def fused_pays(input: Tensor) -> bool:
+    """Whether relu_max_pool2d's kernel is the faster way to pool this input: on CUDA, and on the CPU
+    for channels_last inputs (measured 0.67x eager forward + backward, 0.88x forward, batch 32 x 64
+    channels at 32x32). On NCHW CPU inputs torch's ReLU and pool are the faster (the kernel's planar
+    loops measured 1.1-1.4x them), so callers run those."""
+    return kernel_serves(input) and (input.device.type != "cpu" or ref.is_channels_last(input))
+
+
 def relu_max_pool2d(input: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
                     relu: bool) -> tuple[Tensor, Tensor]:
     """(relu?(max_pool2d(input)), argmax) for a 4-D input; see csrc/torchfast.cpp."""
