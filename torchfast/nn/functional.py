@@ -108,7 +108,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                              f"key/value heads ({key.size(-3)})")
         key, value = key.repeat_interleave(groups, dim=-3), value.repeat_interleave(groups, dim=-3)
     try:  # batch dims broadcast, as in torch (expanded views; the 4-D kernels read them in place)
-        lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+        lead = _broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
     except RuntimeError:
         raise ValueError(f"{name}: the batch dims of query, key and value do not broadcast: {shapes}") from None
     query, key, value = (t.expand(*lead, t.size(-2), t.size(-1)) for t in (query, key, value))
@@ -116,7 +116,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     mask = additive_mask(attn_mask, query.dtype)
     if mask is not None:
         try:
-            torch.broadcast_shapes(mask.shape, (*lead, L, S))
+            _broadcast_shapes(mask.shape, (*lead, L, S))
         except RuntimeError:
             raise ValueError(f"{name}: attn_mask of shape {tuple(mask.shape)} does not broadcast to "
                              f"{(*lead, L, S)}") from None
@@ -137,6 +137,25 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     seed = _draw_dropout_seed() if dropout_p > 0.0 else None
     out, _ = attention_ops.flash_attention(query, key, value, mask, is_causal, scale, dropout_p, seed)
     return out.reshape(*lead, L, value.size(-1))
+
+
+def _broadcast_shapes(*shapes) -> tuple:
+    """torch.broadcast_shapes for concrete shapes, in Python: torch's imports sympy (through
+    torch.fx.experimental.symbolic_shapes) on its first call, half a second of a process's start-up.
+    Traced shapes (torch.compile, export) take torch's. Raises RuntimeError as torch's does."""
+    if torch.compiler.is_compiling() or any(not isinstance(d, int) for shape in shapes for d in shape):
+        return tuple(torch.broadcast_shapes(*shapes))
+    out: list = []
+    for shape in shapes:
+        shape = tuple(shape)
+        if len(shape) > len(out):
+            out = [1] * (len(shape) - len(out)) + out
+        for i, d in enumerate(shape, start=len(out) - len(shape)):
+            if d != out[i] and d != 1:
+                if out[i] != 1:
+                    raise RuntimeError(f"shapes {shapes} do not broadcast")
+                out[i] = d
+    return tuple(out)
 
 
 def _pair(value, name: str) -> list:
