@@ -133,3 +133,18 @@ def test_resnet18_converted_and_plain_start_from_the_same_weights():
     x = torch.randn(4, 1, 8, 8)
     plain.eval(), fused.eval()
     torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_train_step_imports_neither_dynamo_nor_sympy(tmp_path):
+    """Start-up of the main job: torch._dynamo (torch.optim's _disable_dynamo wrappers) and sympy
+    (torch.broadcast_shapes) cost 0.5-1.6 s each on first use; torchfast's eager path needs neither."""
+    code = ("import sys, torch, torchfast\n"
+            "net = torchfast.models.ComplexNetwork(10, 1)\n"
+            "opt = torchfast.optim.AdamW(net.parameters(), lr=1e-3, max_grad_norm=1.0)\n"
+            "torch.nn.functional.cross_entropy(net(torch.randn(4, 1, 8, 8)), torch.tensor([0, 1, 2, 3])).backward()\n"
+            "opt.step(); opt.zero_grad()\n"
+            "late = [m for m in ('torch._dynamo', 'sympy') if m in sys.modules]\n"
+            "assert not late, late\n")
+    env = {**os.environ, "PYTHONPATH": PKG_PARENT}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
