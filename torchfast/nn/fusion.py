@@ -83,7 +83,7 @@ class _ConvReLUPoolFunction(torch.autograd.Function):
         pooled, argmax = pool_ops.relu_max_pool2d(out, *window, False)
         ctx.save_for_backward(x, weight, pooled, argmax)
         ctx.conf = (stride, padding, dilation, groups, bias is not None, window, list(out.shape),
-                    _channels_last(out))
+                    ref_pool.is_channels_last(out))
         ctx.mark_non_differentiable(argmax)
         return pooled, argmax
 
@@ -99,10 +99,6 @@ class _ConvReLUPoolFunction(torch.autograd.Function):
             grad, x, weight, [weight.size(0)] if has_bias else None, list(stride), list(padding), list(dilation),
             False, [0, 0], groups, [need[0], need[1], has_bias and need[2]])
         return gx, gw, gb, None, None, None, None, None, None
-
-
-def _channels_last(x: Tensor) -> bool:
-    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def _as_pair(v) -> list:
@@ -135,8 +131,7 @@ def _fused_conv_relu(conv: nn.Conv2d, x: Tensor, cache: Optional[_WeightInLayout
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     in_layout = (cache.get(weight) if cache is not None else weight.contiguous(memory_format=torch.channels_last)) \
         if channels_last else weight
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
-                                    (conv.bias is not None and conv.bias.requires_grad)):
+    if _wants_grad(conv, x):
         return _ConvReLUFunction.apply(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
                                        in_layout)
     return _onednn.conv2d_relu(x, in_layout, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups, True)
@@ -181,7 +176,7 @@ def _fused_conv_relu_pool(conv: nn.Conv2d, x: Tensor, cache: Optional[_WeightInL
     """Training: the post-op convolution, relu_max_pool2d, and one backward for both."""
     weight = current_weight(conv)
     in_layout = (cache.get(weight) if cache is not None else weight.contiguous(memory_format=torch.channels_last)) \
-        if _channels_last(x) else weight
+        if ref_pool.is_channels_last(x) else weight
     return _ConvReLUPoolFunction.apply(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
                                        in_layout, window)[0]
 
