@@ -59,8 +59,13 @@ def _converted_resnet(arch: str, blocks: int):
     fast = torchfast.convert(net)
     report = fast.torchfast_conversion
     assert len([p for p, w in report.swaps if "residual add" in w]) == blocks and not report.skipped, str(report)
-    # every block convolution folds its batch norm in inference (the downsample branches are Sequentials)
-    assert len([p for p, w in report.swaps if "folded" in w]) == blocks * (2 if arch == "resnet18" else 3)
+    # every block convolution folds its batch norm in inference, the downsample branches' included
+    # (resnet18: layers 2-4; resnet50: layers 1-4, its layer1 widens 64 -> 256)
+    downsamples = 3 if arch == "resnet18" else 4
+    assert len([p for p, w in report.swaps if "folded" in w]) == blocks * (2 if arch == "resnet18" else 3) + downsamples
+    assert len([p for p, w in report.swaps if "downsample.0 + downsample.1" in w]) == downsamples
+    assert ("", "CPU inference runs channels_last inside (the input converted once, 4-D outputs converted back): "
+                "torchfast.layout_plan") in report.swaps
     return net, fast
 
 

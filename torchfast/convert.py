@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchfast import layout_plan
 from torchfast.nn import attention as fused_attention
 from torchfast.nn import layers as fused
 from torchfast.ops._registry import exporting
@@ -180,7 +181,9 @@ def _fold_convolutions(gm: torch.fx.GraphModule, calls: dict) -> list:
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or type(gm.get_submodule(node.target)) not in (fused.BatchNormReLU2d,
                                                                                   fused.BatchNormAddReLU2d):
-            continue
+            # a plain batch norm after a convolution (a downsample branch) folds as well
+            if _bn_node(node, gm, calls) is None or len(node.args) != 1 or node.kwargs:
+                continue
         conv = node.args[0]
         if not (isinstance(conv, torch.fx.Node) and conv.op == "call_module" and len(conv.users) == 1
                 and calls.get(conv.target) == 1 and type(gm.get_submodule(conv.target)) is nn.Conv2d
@@ -262,6 +265,13 @@ def convert(model: nn.Module, *, inplace: bool = False, optimizer: Optional[torc
     _convert_blocks(out, rep)
     _convert_sequential(out, rep)
     _route_sdpa_calls(out, rep)
+    if any("folded into the convolution" in what for _, what in rep.swaps):
+        why_not = layout_plan.install(out)
+        if why_not is None:
+            rep.swaps.append(("", "CPU inference runs channels_last inside (the input converted once, 4-D outputs "
+                                  "converted back): torchfast.layout_plan"))
+        else:
+            rep.skipped.append(("", f"layout plan (channels_last CPU inference): {why_not}"))
     out.torchfast_conversion = rep
     if report:
         print(rep)

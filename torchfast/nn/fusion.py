@@ -36,6 +36,7 @@ class _WeightInLayout:
 
     def __init__(self):
         self.key, self.weight = None, None
+        self.packed = _onednn.PackedWeight()  # inference: the weight as oneDNN wants it (see conv2d_relu)
 
     def get(self, weight: Tensor) -> Tensor:
         if weight.is_contiguous(memory_format=torch.channels_last):
@@ -134,7 +135,8 @@ def _fused_conv_relu(conv: nn.Conv2d, x: Tensor, cache: Optional[_WeightInLayout
     if _wants_grad(conv, x):
         return _ConvReLUFunction.apply(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
                                        in_layout)
-    return _onednn.conv2d_relu(x, in_layout, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups, True)
+    return _onednn.conv2d_relu(x, in_layout, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups, True,
+                               cache.packed if cache is not None else None)
 
 
 def conv2d_relu(conv: nn.Conv2d, x: Tensor, cache: Optional[_WeightInLayout] = None) -> Tensor:

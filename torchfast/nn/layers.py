@@ -118,7 +118,7 @@ class ConvBNReLU2d(nn.Sequential):
             weight, bias = self._folded.get(conv, bn, _is_channels_last(input))
             if _onednn.usable(input, weight, conv.padding):  # the ReLU as the convolution's post-op
                 return _onednn.conv2d_relu(input, weight, bias, conv.stride, conv.padding, conv.dilation,
-                                           conv.groups, self.relu)
+                                           conv.groups, self.relu, self._folded.packed)
             out = torch.nn.functional.conv2d(input, weight, bias, conv.stride, conv.padding, conv.dilation,
                                              conv.groups)
             return out.relu_() if self.relu else out
@@ -173,9 +173,11 @@ def _versions(tensors) -> tuple:
 
 
 def _fold_for_layout(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm, channels_last: bool):
-    weight, bias = fold_conv_bn(conv, bn)
-    # in the input's layout whatever the conv weight's own (the output follows the input's layout)
-    return weight.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format), bias
+    with torch.inference_mode(False):  # plain tensors even under inference_mode: their versions can be read
+        weight, bias = fold_conv_bn(conv, bn)
+        # in the input's layout whatever the conv weight's own (the output follows the input's layout)
+        return weight.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format), \
+            bias
 
 
 class FoldedConvBN:
@@ -190,6 +192,7 @@ class FoldedConvBN:
     def __init__(self):
         self.key = None
         self.by_layout: dict = {}
+        self.packed = _onednn.PackedWeight()  # the folded weight as oneDNN wants it (see conv2d_relu)
 
     def get(self, conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm, channels_last: bool) -> tuple[Tensor, Tensor]:
         if torch.compiler.is_compiling() or exporting() or parametrize.is_parametrized(conv) or \
@@ -243,10 +246,11 @@ def can_fold(module: nn.Module, bns, x: Tensor) -> bool:
 
 def conv_bn_relu(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[Tensor] = None) -> Tensor:
     """bn(conv(x)) -> ReLU, or relu(bn(conv(x)) + residual), for a BatchNormReLU2d / BatchNormAddReLU2d
-    `bn` (what torchfast.convert puts after a block's convolution). In inference (both modules in eval
-    mode, running statistics, no gradient wanted) the batch norm is folded into the convolution and the
-    ReLU (and the add) run as its oneDNN post-ops on the CPU: one pass instead of two or three. Anything
-    else, hooks on either module or autocast included, calls the two modules."""
+    `bn` (what torchfast.convert puts after a block's convolution); bn(conv(x)) for a plain BatchNorm2d
+    (or the SyncBatchNorm it becomes). In inference (both modules in eval mode, running statistics, no
+    gradient wanted) the batch norm is folded into the convolution and the ReLU (and the add) run as its
+    oneDNN post-ops on the CPU: one pass instead of two or three. Anything else, hooks on either module
+    or autocast included, calls the two modules."""
     hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (conv, bn))
     if (hooked or type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or conv.training or bn.training
             or bn.running_mean is None or bn.running_var is None or x.dim() != 4
@@ -260,16 +264,19 @@ def conv_bn_relu(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[T
         folded = bn.__dict__["_torchfast_folded"] = FoldedConvBN()  # not state: rebuilt when the tensors change
     weight, bias = folded.get(conv, bn, _is_channels_last(x))
     args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    relu = residual is not None or type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm)
     if _onednn.usable(x, weight, conv.padding):
         if residual is None:
-            return _onednn.conv2d_relu(x, weight, bias, *args, True)
+            return _onednn.conv2d_relu(x, weight, bias, *args, relu, folded.packed)
         if residual.shape == (x.size(0), weight.size(0)) + residual.shape[2:] and residual.dtype == x.dtype:
             out_layout_ok = residual.is_contiguous(memory_format=torch.channels_last) if _is_channels_last(x) \
                 else residual.is_contiguous()
             if out_layout_ok:
-                return _onednn.conv2d_add_relu(x, residual, weight, bias, *args)
+                return _onednn.conv2d_add_relu(x, residual, weight, bias, *args, folded.packed)
     out = torch.nn.functional.conv2d(x, weight, bias, *args)
-    return out.relu_() if residual is None else add_relu(out, residual)
+    if residual is None:
+        return out.relu_() if relu else out
+    return add_relu(out, residual)
 
 
 def _is_channels_last(x: Tensor) -> bool:
@@ -347,8 +354,8 @@ class ResidualBlock(nn.Module):
         w1, b1 = self._folded[0].get(self.conv1, self.bn1, cl)
         w2, b2 = self._folded[1].get(self.conv2, self.bn2, cl)
         if _onednn.usable(x, w1, (1, 1)):  # ReLU, and add + ReLU, as the convolutions' post-ops
-            out = _onednn.conv2d_relu(x, w1, b1, (1, 1), (1, 1), (1, 1), 1, relu=True)
-            return _onednn.conv2d_add_relu(out, x, w2, b2, (1, 1), (1, 1), (1, 1), 1)
+            out = _onednn.conv2d_relu(x, w1, b1, (1, 1), (1, 1), (1, 1), 1, True, self._folded[0].packed)
+            return _onednn.conv2d_add_relu(out, x, w2, b2, (1, 1), (1, 1), (1, 1), 1, self._folded[1].packed)
         out = torch.nn.functional.conv2d(x, w1, b1, padding=1).relu_()
         out = torch.nn.functional.conv2d(out, w2, b2, padding=1)
         # CPU inputs the post-op convolution does not take (small, not fp32, traced): torch's in-place
