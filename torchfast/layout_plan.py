@@ -1,5 +1,6 @@
-"""Whole-model layout plan for models torchfast.convert rewrote: in CPU inference the network runs
-channels_last inside, converting its input once and its 4-D outputs back once.
+"""Whole-model layout plan for models torchfast.convert rewrote: in CPU inference (no gradient
+recorded: torch.no_grad / inference_mode) the network runs channels_last inside, converting its
+input once and its 4-D outputs back once.
 
 Why: oneDNN's convolutions (with the folded batch norms, pre-packed weights and ReLU / add post-ops
 torchfast gives them) and max pooling are faster on channels_last activations; an NCHW input keeps
@@ -113,7 +114,9 @@ _MARK = "_torchfast_planned_from_nchw"  # set on the channels_last copy of the i
 
 
 def _plan_applies(module: nn.Module, x) -> bool:
-    return (isinstance(x, Tensor) and not module.training and not torch.is_grad_enabled()
+    # No gradient recorded is what decides (not module.training: a container's own flag says nothing
+    # about its layers'; the fused layers fold their batch norms only in eval mode anyway).
+    return (isinstance(x, Tensor) and not torch.is_grad_enabled()
             and x.device.type == "cpu" and x.dim() == 4 and x.dtype in (torch.float32, torch.bfloat16)
             and x.size(1) > 1 and x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
             and not torch.is_autocast_enabled("cpu") and not exporting())

@@ -251,6 +251,10 @@ def conv_bn_relu(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[T
     gradient wanted) the batch norm is folded into the convolution and the ReLU (and the add) run as its
     oneDNN post-ops on the CPU: one pass instead of two or three. Anything else, hooks on either module
     or autocast included, calls the two modules."""
+    if isinstance(x, torch.fx.Proxy):
+        # torch.fx retracing a converted block (torch.load of a pickled model re-traces its code): the
+        # call stays one call, as it was written, instead of being traced into for one mode
+        return x.tracer.create_proxy("call_function", conv_bn_relu, (x, conv, bn, residual), {})
     hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (conv, bn))
     if (hooked or type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or conv.training or bn.training
             or bn.running_mean is None or bn.running_var is None or x.dim() != 4
