@@ -172,6 +172,9 @@ def _rewrite_block(module: nn.Module) -> Optional[tuple]:
     return gm, done
 
 
+_FOLDED = "the batch norm folded into the convolution in inference"
+
+
 def _fold_convolutions(gm: torch.fx.GraphModule, calls: dict) -> list:
     """Each conv -> fused BN node pair (the conv's output used by the BN alone, the conv called once)
     becomes one call of layers.conv_bn_relu, which folds the BN into the convolution in inference and
@@ -196,7 +199,7 @@ def _fold_convolutions(gm: torch.fx.GraphModule, calls: dict) -> list:
         node.replace_all_uses_with(fused_node)
         gm.graph.erase_node(node)
         gm.graph.erase_node(conv)
-        done.append(f"{conv.target} + {node.target}: the batch norm folded into the convolution in inference")
+        done.append(f"{conv.target} + {node.target}: {_FOLDED}")
     return done
 
 
@@ -265,7 +268,7 @@ def convert(model: nn.Module, *, inplace: bool = False, optimizer: Optional[torc
     _convert_blocks(out, rep)
     _convert_sequential(out, rep)
     _route_sdpa_calls(out, rep)
-    if any("folded into the convolution" in what for _, what in rep.swaps):
+    if any(what.endswith(_FOLDED) for _, what in rep.swaps):  # (the plan pays where convolutions fold)
         why_not = layout_plan.install(out)
         if why_not is None:
             rep.swaps.append(("", "CPU inference runs channels_last inside (the input converted once, 4-D outputs "

@@ -13,7 +13,8 @@ channels_last tensor it would flatten across dims, and `.stride()` / `.data_ptr(
 difference. The plan is therefore installed only when every forward the input reaches is known:
 the model's own and its blocks' forwards are traced (torch.fx), each call is a torch op other than
 those, and each leaf module is one of torch's layout-agnostic layers or a torchfast fused one.
-Installed as a forward pre-hook and a forward hook on the model, module-level functions, so a converted model still pickles, copies and state_dicts as before.
+Installed as a forward pre-hook and a forward hook on the model, module-level functions, so a
+converted model still pickles, copies and state_dicts as before.
 """
 from __future__ import annotations
 

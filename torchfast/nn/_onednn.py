@@ -50,8 +50,8 @@ class PackedWeight:
     channels_last: 14.5 ms per call, 2.3 ms with the packed weight). One entry, rebuilt when the weight
     (the same tensor object, held here, at the same version) or the input geometry changes (writes
     through `.data` bypass the version counter, as for FoldedConvBN); a weight that wants a gradient,
-    or an inference tensor (no version counter), is used as it is. The packed
-    tensor is opaque to torch (no storage): copies and pickles of a module start with an empty cache."""
+    or an inference tensor (no version counter), is used as it is. The packed tensor is opaque to
+    torch (no storage): copies and pickles of a module start with an empty cache."""
 
     def __init__(self):
         self.source, self.key, self.packed = None, None, None
