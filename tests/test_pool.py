@@ -109,6 +109,33 @@ def test_nan_inf_and_ties_pick_torchs_element(device, layout):
             torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("window", [((3, 3), (2, 2), (1, 1)), ((3, 3), (1, 1), (1, 1)), ((2, 3), (3, 3), (0, 1)),
+                                    ((1, 5), (1, 2), (0, 2))], ids=str)
+def test_wide_rows_with_many_ties_pick_torchs_element(device, window, dtype):
+    """NCHW rows spanning several vectors of output columns with a partial last one, and values from
+    a small set (ties in most windows), -inf and NaN among them: the same values, the same element
+    picked (so the same gradient) as torch, in every window position, edge columns included."""
+    require_kernel("relu_max_pool2d", device)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-2, 3, (2, 3, 9, 77), generator=g).to(dtype)
+    special = torch.rand(x.shape, generator=g)
+    x[special < 0.02] = float("nan")
+    x[(special > 0.02) & (special < 0.05)] = -float("inf")
+    x = x.to(device)
+    for relu in (True, False):
+        a = x.clone().requires_grad_()
+        b = x.clone().requires_grad_()
+        out, argmax = pool_ops.relu_max_pool2d(a, *window, relu)
+        expect = _torch(b, window, relu)
+        torch.testing.assert_close(out, expect, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(argmax, ref.relu_max_pool2d(x, *window, relu)[1])
+        grad = torch.arange(1.0, out.numel() + 1, dtype=dtype, device=device).view(out.shape)
+        out.backward(grad)
+        expect.backward(grad)
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, equal_nan=True)
+
+
 def test_unbatched_and_int_arguments(device):
     require_kernel("relu_max_pool2d", device)
     x = torch.randn(4, 9, 11, device=device)
