@@ -66,6 +66,10 @@ def _converted_resnet(arch: str, blocks: int):
     assert len([p for p, w in report.swaps if "downsample.0 + downsample.1" in w]) == downsamples
     assert ("", "CPU inference runs channels_last inside (the input converted once, 4-D outputs converted back): "
                 "torchfast.layout_plan") in report.swaps
+    # the stem's ReLU -> max pool (module calls in the root's own forward) as one layer
+    assert ("relu", "ReLU + MaxPool2d (maxpool) -> ReLUMaxPool2d (the ReLU becomes nn.Identity)") in report.swaps
+    assert type(fast.relu) is nn.Identity and type(fast.maxpool) is torchfast.nn.ReLUMaxPool2d
+    assert type(fast) is type(net)  # the root keeps its class: only its layers were swapped
     return net, fast
 
 
@@ -103,6 +107,54 @@ def test_sequential_conv_bn_relu_and_what_stays():
     assert kinds[4] is nn.BatchNorm2d and kinds[5] is nn.ReLU6
     assert kinds[7] is nn.GroupNorm and kinds[10] is nn.BatchNorm2d and kinds[11] is nn.SiLU
     _check_equivalent(net, fast, torch.randn(4, 3, 10, 10))
+
+
+class _StemThenHead(nn.Module):
+    """A stem like torchvision ResNet's in a forward of module calls, and candidates that must stay."""
+
+    def __init__(self, share_relu=False, inplace_reads_input=False):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.relu2 = self.relu if share_relu else nn.ReLU()
+        self.pool2 = nn.MaxPool2d(2, ceil_mode=True)  # not a window the kernel computes
+        self.inplace_reads_input = inplace_reads_input
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        z = self.pool(self.relu(y))
+        if self.inplace_reads_input:  # y is the ReLU's output too (in place): the ReLU must stay
+            z = z + y.mean()
+        return self.pool2(self.relu2(z))
+
+
+def test_relu_then_max_pool_fused_in_sequentials_and_forwards():
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, dilation=2))
+    fast = torchfast.convert(seq)
+    kinds = [type(m) for m in fast]
+    # (the pool, not BatchNorm2d -> ReLU, takes the ReLU: the pool's NCHW kernel pays more)
+    assert kinds[1:4] == [nn.BatchNorm2d, nn.Identity, torchfast.nn.ReLUMaxPool2d]
+    assert kinds[5:] == [nn.ReLU, nn.MaxPool2d]  # dilation: left alone, with the reason
+    assert any(p == "5" and "dilation" in w for p, w in fast.torchfast_conversion.skipped)
+    _check_equivalent(seq, fast, torch.randn(4, 3, 19, 23))
+
+    net = _StemThenHead()
+    fast = torchfast.convert(net)
+    assert type(fast.relu) is nn.Identity and type(fast.pool) is torchfast.nn.ReLUMaxPool2d
+    assert type(fast.relu2) is nn.ReLU and type(fast.pool2) is nn.MaxPool2d
+    _check_equivalent(net, fast, torch.randn(2, 3, 15, 17))
+    for kwargs, why in (({"share_relu": True}, "called more than once"),
+                        ({"inplace_reads_input": True}, "in-place ReLU whose input is read elsewhere")):
+        net = _StemThenHead(**kwargs)
+        fast = torchfast.convert(net)
+        assert type(fast.relu) is nn.ReLU and type(fast.pool) is nn.MaxPool2d, kwargs
+        assert any(p == "relu" and why in w for p, w in fast.torchfast_conversion.skipped), \
+            str(fast.torchfast_conversion)
+        _check_equivalent(net, fast, torch.randn(2, 3, 15, 17))
 
 
 def test_hooks_and_nothing_to_convert():

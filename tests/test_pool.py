@@ -146,16 +146,17 @@ def test_unbatched_and_int_arguments(device):
 
 
 def test_functional_takes_the_kernel_where_it_pays(device):
-    """channels_last CPU inputs and CUDA inputs: the kernel (its op in the autograd graph); NCHW
-    CPU inputs: torch's ReLU and pool, the faster there."""
+    """CUDA inputs, channels_last CPU inputs and NCHW fp32/fp64 CPU inputs: the kernel (its op in the
+    autograd graph); NCHW fp16/bf16 CPU inputs: torch's ReLU and pool, the faster there."""
     require_kernel("relu_max_pool2d", device)
-    for layout in ("contiguous", "channels_last"):
-        x = _input((2, 8, 6, 6), torch.float32, layout, device).requires_grad_()
-        out = relu_max_pool2d(x, 2)
-        kernel = device != "cpu" or layout == "channels_last"
-        assert ("relu_max_pool2d" in type(out.grad_fn).__name__.lower() or
-                "torchfast" in str(out.grad_fn.name())) == kernel, out.grad_fn.name()
-        torch.testing.assert_close(out, F.max_pool2d(F.relu(x), 2))
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for layout in ("contiguous", "channels_last"):
+            x = _input((2, 8, 6, 6), dtype, layout, device).requires_grad_()
+            out = relu_max_pool2d(x, 2)
+            kernel = device != "cpu" or layout == "channels_last" or dtype != torch.bfloat16
+            assert ("relu_max_pool2d" in type(out.grad_fn).__name__.lower() or
+                    "torchfast" in str(out.grad_fn.name())) == kernel, (dtype, layout, out.grad_fn.name())
+            torch.testing.assert_close(out, F.max_pool2d(F.relu(x), 2))
 
 
 def test_empty_batch_and_channels(device):
@@ -250,3 +251,29 @@ def test_fused_conv_relu_pool_matches_plain_modules(pool, layout):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(fusion.run_fused(plain, x, {}), plain(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_relu_max_pool_module_is_relu_then_max_pool(device, layout):
+    """torchfast.nn.ReLUMaxPool2d: nn.MaxPool2d's constructor, the values and gradients of ReLU ->
+    MaxPool2d, the kernel where it takes the window, torch's ops where it does not (ceil_mode,
+    dilation, return_indices), no state."""
+    for kwargs in ({"kernel_size": 3, "stride": 2, "padding": 1}, {"kernel_size": 2},
+                   {"kernel_size": 2, "ceil_mode": True}, {"kernel_size": 3, "dilation": 2},
+                   {"kernel_size": 2, "return_indices": True}):
+        fast, torchs = torchfast.nn.ReLUMaxPool2d(**kwargs), nn.MaxPool2d(**kwargs)
+        assert isinstance(fast, nn.MaxPool2d) and not fast.state_dict()
+        x = _input((2, 5, 11, 13), torch.float32, layout, device).requires_grad_()
+        xr = x.detach().clone().requires_grad_()
+        got, want = fast(x), torchs(F.relu(xr))
+        if kwargs.get("return_indices"):
+            assert torch.equal(got[1], want[1])
+            got, want = got[0], want[0]
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        grad = _input(got.shape, torch.float32, "contiguous", device, seed=1)
+        got.backward(grad)
+        want.backward(grad)
+        torch.testing.assert_close(x.grad, xr.grad, rtol=0, atol=0)
+    compiled = torch.compile(torchfast.nn.ReLUMaxPool2d(3, 2, 1), fullgraph=True)
+    x = _input((2, 5, 11, 13), torch.float32, layout, device)
+    torch.testing.assert_close(compiled(x), F.max_pool2d(F.relu(x), 3, 2, 1))

@@ -5,6 +5,8 @@ What it rewrites (state_dict keys and values unchanged; each swap and each candi
 reported):
 - nn.MultiheadAttention -> torchfast.nn.MultiheadAttention (same parameters; a subclass);
 - BatchNorm2d followed by ReLU in an nn.Sequential -> BatchNormReLU2d (the ReLU becomes nn.Identity);
+- an nn.ReLU whose output only an nn.MaxPool2d reads (in an nn.Sequential, or module calls in a traced
+  forward: torchvision ResNet's stem) -> ReLUMaxPool2d (the ReLU becomes nn.Identity);
 - inside a block's traced forward (torch.fx): bn -> ReLU -> BatchNormReLU2d, and
   bn -> (+ identity) -> ReLU -> BatchNormAddReLU2d(x, identity): the cheat sheet's ResidualBlock,
   torchvision's BasicBlock and Bottleneck (their downsample branch is the "identity");
@@ -32,6 +34,7 @@ from torch import nn
 from torchfast import layout_plan
 from torchfast.nn import attention as fused_attention
 from torchfast.nn import layers as fused
+from torchfast.nn.pooling import ReLUMaxPool2d, pool_window
 from torchfast.ops._registry import exporting
 
 __all__ = ["ConversionReport", "convert", "enable"]
@@ -93,6 +96,91 @@ def _convert_sequential(model: nn.Module, report: ConversionReport) -> None:
                 bn.__class__ = fused.BatchNormReLU2d
                 setattr(seq, b, nn.Identity())
                 report.swaps.append((where, f"BatchNorm2d + ReLU ({_join(path, b)}) -> BatchNormReLU2d"))
+
+
+# -- nn.ReLU -> nn.MaxPool2d: a network's stem (torchvision's ResNet), VGG-style features -------------
+
+def _use_counts(model: nn.Module) -> dict:
+    """How many places of the module tree hold each module (a shared one must not change)."""
+    counts: dict = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        counts[id(m)] = counts.get(id(m), 0) + 1
+    return counts
+
+
+def _relu_pool_blocker(relu: nn.Module, pool: nn.Module, counts: dict) -> Optional[str]:
+    if pool_window(pool) is None:
+        return "a max pool relu_max_pool2d does not compute (dilation, ceil_mode, return_indices or a window over 256)"
+    if _has_hooks(relu) or _has_hooks(pool):
+        return "hooks on the ReLU or the pool"
+    if counts.get(id(relu)) != 1 or counts.get(id(pool)) != 1:
+        return "the ReLU or the pool is shared with another part of the model"
+    return None
+
+
+def _swap_relu_pool(owner: nn.Module, relu_name: str, pool: nn.Module) -> None:
+    parent_path, _, name = relu_name.rpartition(".")
+    setattr(owner.get_submodule(parent_path) if parent_path else owner, name, nn.Identity())
+    pool.__class__ = ReLUMaxPool2d
+
+
+def _traced_relu_pools(owner: nn.Module) -> list:
+    """(relu target, pool target, why not or None) for each ReLU module call in owner's own forward
+    whose output only a MaxPool2d module call reads, each module called once there."""
+    graph = layout_plan.graph_of(owner)
+    if graph is None:
+        return []
+    calls: dict = {}
+    for n in graph.nodes:
+        if n.op == "call_module":
+            calls[n.target] = calls.get(n.target, 0) + 1
+    found = []
+    for relu in graph.nodes:
+        if relu.op != "call_module" or type(owner.get_submodule(relu.target)) is not nn.ReLU or \
+                len(relu.args) != 1 or relu.kwargs or len(relu.users) != 1:
+            continue
+        pool = next(iter(relu.users))
+        if pool.op != "call_module" or type(owner.get_submodule(pool.target)) is not nn.MaxPool2d or \
+                pool.args != (relu,) or pool.kwargs:
+            continue
+        why = None
+        if calls[relu.target] != 1 or calls[pool.target] != 1:
+            why = "the ReLU or the pool is called more than once"
+        elif owner.get_submodule(relu.target).inplace and not (
+                isinstance(relu.args[0], torch.fx.Node) and len(relu.args[0].users) == 1):
+            why = "an in-place ReLU whose input is read elsewhere too"
+        found.append((relu.target, pool.target, why))
+    return found
+
+
+def _convert_relu_pool(model: nn.Module, report: ConversionReport) -> None:
+    """Each nn.ReLU whose output only an nn.MaxPool2d reads (adjacent children of an nn.Sequential, or
+    module calls in a forward, traced with torch.fx) -> the ReLU becomes nn.Identity and the pool
+    torchfast.nn.ReLUMaxPool2d: the two in one pass (no state changes: neither has any)."""
+    counts = _use_counts(model)
+    for path, owner in list(model.named_modules()):
+        if isinstance(owner, nn.Sequential):
+            names = list(owner._modules)
+            pairs = [(a, b, None) for a, b in zip(names, names[1:])
+                     if type(owner._modules[a]) is nn.ReLU and type(owner._modules[b]) is nn.MaxPool2d]
+        elif type(owner).__module__.startswith("torch.") and not isinstance(owner, torch.fx.GraphModule):
+            continue  # torch's own layers
+        elif any(type(m) is nn.MaxPool2d for m in owner.modules()):
+            pairs = _traced_relu_pools(owner)
+        else:
+            continue
+        for relu_name, pool_name, why in pairs:
+            relu, pool = owner.get_submodule(relu_name), owner.get_submodule(pool_name)
+            why = why or _relu_pool_blocker(relu, pool, counts)
+            if type(relu) is not nn.ReLU or type(pool) is not nn.MaxPool2d:
+                continue  # (swapped already, through another owner)
+            where = _join(path, relu_name)
+            if why is not None:
+                report.skipped.append((where, f"ReLU -> MaxPool2d: {why}"))
+                continue
+            _swap_relu_pool(owner, relu_name, pool)
+            report.swaps.append((where, f"ReLU + MaxPool2d ({_join(path, pool_name)}) -> ReLUMaxPool2d "
+                                        "(the ReLU becomes nn.Identity)"))
 
 
 # -- blocks, by their traced forward ------------------------------------------------------------------
@@ -266,6 +354,7 @@ def convert(model: nn.Module, *, inplace: bool = False, optimizer: Optional[torc
     rep = ConversionReport()
     _convert_attention(out, rep)
     _convert_blocks(out, rep)
+    _convert_relu_pool(out, rep)  # (before BatchNorm2d -> ReLU: a pool after the ReLU pays more)
     _convert_sequential(out, rep)
     _route_sdpa_calls(out, rep)
     if any(what.endswith(_FOLDED) for _, what in rep.swaps):  # (the plan pays where convolutions fold)

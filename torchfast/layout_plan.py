@@ -29,9 +29,10 @@ from torch.utils._pytree import tree_map
 
 from torchfast.nn import attention as fused_attention
 from torchfast.nn import layers as fused
+from torchfast.nn.pooling import ReLUMaxPool2d
 from torchfast.ops._registry import exporting
 
-__all__ = ["install", "layout_safe"]
+__all__ = ["graph_of", "install", "layout_safe"]
 
 # torch's layers whose forward gives the same values for any input layout and never views across dims.
 _SAFE_MODULES = frozenset({
@@ -39,7 +40,7 @@ _SAFE_MODULES = frozenset({
     nn.Hardsigmoid, nn.LeakyReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
     nn.Dropout, nn.Dropout2d, nn.Identity, nn.Flatten, nn.Linear,
     fused.BatchNormReLU2d, fused.BatchNormAddReLU2d, fused.SyncBatchNormReLU2d, fused.SyncBatchNormAddReLU2d,
-    fused.ConvBNReLU2d, fused.ResidualBlock, fused_attention.MultiheadAttention,
+    fused.ConvBNReLU2d, fused.ResidualBlock, fused_attention.MultiheadAttention, ReLUMaxPool2d,
 })
 
 # Tensor methods (and torch functions) whose result depends on the layout or that refuse a layout.
@@ -57,7 +58,9 @@ class _EveryModuleALeaf(torch.fx.Tracer):
         return True
 
 
-def _graph_of(module: nn.Module) -> Optional[torch.fx.Graph]:
+def graph_of(module: nn.Module) -> Optional[torch.fx.Graph]:
+    """`module`'s own forward as a torch.fx graph (each submodule call one node), or None where it
+    does not trace."""
     if isinstance(module, torch.fx.GraphModule):
         return module.graph
     try:
@@ -89,7 +92,7 @@ def layout_safe(module: nn.Module, _seen: Optional[dict] = None) -> bool:
     elif type(module).__module__.startswith("torch.") and not isinstance(module, torch.fx.GraphModule):
         ok = False  # torch's other layers: not vetted
     else:
-        graph = _graph_of(module)
+        graph = graph_of(module)
         ok = graph is not None and _graph_safe(graph, module, seen)
     seen[id(module)] = ok
     return ok

@@ -173,8 +173,8 @@ def relu_max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, relu: bo
     (N, C, H, W) or (C, H, W) inputs, contiguous or channels_last (the output keeps the layout).
     Its backward keeps one byte per output (the maximum's place in its window) instead of torch's
     int64 index, and writes each input gradient once. relu=False is plain max pooling. Dilation and
-    ceil_mode are F.max_pool2d's (not taken here). While a model is exported, and for NCHW inputs on
-    the CPU (where they are the faster), the two torch ops run."""
+    ceil_mode are F.max_pool2d's (not taken here). While a model is exported, and for NCHW fp16/bf16
+    inputs on the CPU (where they are the faster), the two torch ops run."""
     kernel = _pair(kernel_size, "kernel_size")
     strides = kernel if stride is None or (not isinstance(stride, int) and len(stride) == 0) else _pair(stride, "stride")
     pads = _pair(padding, "padding")
@@ -185,7 +185,7 @@ def relu_max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, relu: bo
         return relu_max_pool2d(input.unsqueeze(0), kernel, strides, pads, relu).squeeze(0)
     if exporting() or not pool_ops.fused_pays(input) or kernel[0] * kernel[1] > 256:
         # exporting: the canonical ReLU -> MaxPool, which exporters and quantizers pattern-match;
-        # NCHW on the CPU: torch's two ops are the faster there (see ops/pool.py); windows of over
+        # NCHW fp16/bf16 on the CPU: torch's two ops are the faster there (see ops/pool.py); windows of over
         # 256 elements: beyond the kernel's one-byte argmax
         x = torch.relu(input) if relu else input
         return torch.nn.functional.max_pool2d(x, kernel, strides, pads)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from torchfast.nn import _onednn
 from torchfast.nn.functional import relu_max_pool2d
+from torchfast.nn.pooling import pool_window
 from torchfast.ops import pool as pool_ops
 from torchfast.nn.layers import current_weight
 from torchfast.sharded.dtensor import version_counters_track_contents
@@ -100,24 +101,6 @@ class _ConvReLUPoolFunction(torch.autograd.Function):
             grad, x, weight, [weight.size(0)] if has_bias else None, list(stride), list(padding), list(dilation),
             False, [0, 0], groups, [need[0], need[1], has_bias and need[2]])
         return gx, gw, gb, None, None, None, None, None, None
-
-
-def _as_pair(v) -> list:
-    return [v, v] if isinstance(v, int) else list(v)
-
-
-def pool_window(pool: Optional[nn.MaxPool2d]) -> Optional[tuple]:
-    """(kernel_size, stride, padding) of a max pool that relu_max_pool2d computes (dilation 1, floor
-    mode, no indices returned, windows of at most 256 elements), else None."""
-    if pool is None or type(pool) is not nn.MaxPool2d or pool.return_indices or pool.ceil_mode or \
-            _as_pair(pool.dilation) != [1, 1]:
-        return None
-    kernel = _as_pair(pool.kernel_size)
-    stride = kernel if pool.stride is None or pool.stride == () or pool.stride == [] else _as_pair(pool.stride)
-    padding = _as_pair(pool.padding)
-    if len(kernel) != 2 or kernel[0] * kernel[1] > 256 or any(2 * p > k or p < 0 for p, k in zip(padding, kernel)):
-        return None
-    return kernel, stride, padding
 
 
 def _fusable(conv: nn.Conv2d, x: Tensor) -> bool:
