@@ -130,8 +130,10 @@ def models(o: Options) -> Suite:
     from torchfast.bench import models as bm
 
     s = Suite("models")
-    rounds = max(5, o.rounds // 2)
-    rows, infer_prof = bm.inference_report(rounds=rounds)
+    # whole-model rounds are cheap (0.1-1 s each): this host's noise comes in bursts of seconds, so
+    # more rounds, and more again for inference, steady the medians
+    rounds, infer_rounds = max(5, o.rounds), max(10, 2 * o.rounds)
+    rows, infer_prof = bm.inference_report(rounds=infer_rounds)
     train_rows, train_prof, copy_share = bm.train_report(rounds=rounds)
     amp_rows, amp_prof, _ = bm.train_report(rounds=rounds, amp=True)
     rows += train_rows + amp_rows
@@ -141,7 +143,8 @@ def models(o: Options) -> Suite:
         else ([], {})
     s.rows = rows + zoo_rows
     s.add(f"Whole model: the cheat sheet's ComplexNetwork, plain torch vs torchfast, CPU ({where('cpu')}), torch "
-          f"{torch.__version__}, median of {rounds} interleaved rounds.", bm.format_rows(rows))
+          f"{torch.__version__}, median of {rounds} interleaved rounds ({infer_rounds} for inference).",
+          bm.format_rows(rows))
     s.add("Profiles", "\n".join([
         bm.format_profile("torchfast inference, top ops (self CPU)", infer_prof),
         bm.format_profile("torchfast train step, top ops (self CPU)", train_prof),
