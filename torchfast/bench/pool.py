@@ -1,7 +1,7 @@
 """ReLU + max pooling rows (part of the norm suite: the epilogues between a network's convolutions):
 torchfast.nn.functional.relu_max_pool2d against eager F.max_pool2d(F.relu(x)), the cheat sheet's
-conv -> ReLU -> MaxPool2d(2) tail, forward (inference) and forward + backward: channels_last (NCHW
-too on CUDA)."""
+conv -> ReLU -> MaxPool2d(2) tail and ResNet's stem pool MaxPool2d(3, 2, 1), forward (inference) and
+forward + backward, NCHW and channels_last."""
 from __future__ import annotations
 
 import torch
@@ -15,27 +15,26 @@ def pool_rows(device="cpu", rounds=10, warmup=2, batch=32, channels=64, size=32,
     torch.manual_seed(0)
     x = torch.randn(batch, channels, size, size, device=device, dtype=dtype)
     rows = []
-    # bytes: the forward reads x and writes the pooled output (a quarter); the backward reads the
-    # pooled gradient and writes dx. Indices/argmax not counted.
-    fwd_bytes = 1.25 * x.numel() * x.element_size()
-    layouts = [(", channels_last", x.contiguous(memory_format=torch.channels_last))]
-    if torch.device(device).type != "cpu":  # on the CPU, NCHW inputs run torch's ops (ops/pool.py)
-        layouts.insert(0, ("", x))
-    for label, inp in layouts:
+    layouts = [("", x), (", channels_last", x.contiguous(memory_format=torch.channels_last))]
+    windows = [("MaxPool2d(2)", (2, 2, 0)), ("MaxPool2d(3, 2, 1)", (3, 2, 1))]
+    for (name, (k, s, p)), (label, inp) in [(w, lay) for w in windows for lay in layouts]:
+        # bytes: the forward reads x and writes the pooled output; the backward reads the pooled
+        # gradient and writes dx. Indices/argmax not counted.
+        nbytes = (x.numel() + F.max_pool2d(x[:1, :1], k, s, p).numel() * batch * channels) * x.element_size()
         with torch.no_grad():
-            med = interleaved_medians({"eager": lambda: F.max_pool2d(F.relu(inp), 2),
-                                       "torchfast": lambda: relu_max_pool2d(inp, 2)}, device, rounds, warmup)
-        rows += _rows(f"ReLU+MaxPool2d(2) inference{label}", med, fwd_bytes)
+            med = interleaved_medians({"eager": lambda: F.max_pool2d(F.relu(inp), k, s, p),
+                                       "torchfast": lambda: relu_max_pool2d(inp, k, s, p)}, device, rounds, warmup)
+        rows += _rows(f"ReLU+{name} inference{label}", med, nbytes)
 
         def step(fused):
             def run():
                 xi = inp.detach().requires_grad_()
-                out = relu_max_pool2d(xi, 2) if fused else F.max_pool2d(F.relu(xi), 2)
+                out = relu_max_pool2d(xi, k, s, p) if fused else F.max_pool2d(F.relu(xi), k, s, p)
                 out.backward(torch.ones_like(out))
             return run
 
         med = interleaved_medians({"eager": step(False), "torchfast": step(True)}, device, rounds, warmup)
-        rows += _rows(f"ReLU+MaxPool2d(2) fwd+bwd{label}", med, 2 * fwd_bytes)
+        rows += _rows(f"ReLU+{name} fwd+bwd{label}", med, 2 * nbytes)
     return rows
 
 
