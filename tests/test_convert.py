@@ -70,6 +70,8 @@ def _converted_resnet(arch: str, blocks: int):
     assert ("relu", "ReLU + MaxPool2d (maxpool) -> ReLUMaxPool2d (the ReLU becomes nn.Identity)") in report.swaps
     assert type(fast.relu) is nn.Identity and type(fast.maxpool) is torchfast.nn.ReLUMaxPool2d
     assert type(fast) is type(net)  # the root keeps its class: only its layers were swapped
+    assert ("conv1", "nn.Conv2d -> torchfast.nn.Conv2d (CPU fp32 inference: the weight pre-packed for oneDNN)") \
+        in report.swaps
     return net, fast
 
 

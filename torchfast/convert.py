@@ -10,6 +10,8 @@ reported):
 - inside a block's traced forward (torch.fx): bn -> ReLU -> BatchNormReLU2d, and
   bn -> (+ identity) -> ReLU -> BatchNormAddReLU2d(x, identity): the cheat sheet's ResidualBlock,
   torchvision's BasicBlock and Bottleneck (their downsample branch is the "identity");
+- where batch norms fold (a convolutional network), every other plain nn.Conv2d -> torchfast.nn.Conv2d
+  (the weight pre-packed for oneDNN in CPU inference);
 - optimizer=: torch.optim SGD/Adam/AdamW -> torchfast's, with the same param_groups and state.
 A BatchNorm2d that is not a plain nn.BatchNorm2d, that is called more than once, or that has hooks, and
 blocks that do not trace, stay as they were. Modules whose forward calls F.scaled_dot_product_attention
@@ -34,6 +36,7 @@ from torch import nn
 from torchfast import layout_plan
 from torchfast.nn import attention as fused_attention
 from torchfast.nn import layers as fused
+from torchfast.nn.conv import Conv2d as PackedConv2d
 from torchfast.nn.pooling import ReLUMaxPool2d, pool_window
 from torchfast.ops._registry import exporting
 
@@ -321,6 +324,35 @@ def _convert_blocks(model: nn.Module, report: ConversionReport) -> None:
             report.swaps += [(where, d) for d in done]
 
 
+# -- the other convolutions ---------------------------------------------------------------------------
+
+def _folded_convolutions(model: nn.Module) -> set:
+    """ids of the convolutions a rewritten block hands to conv_bn_relu (folded into their batch norm
+    in inference, where conv_bn_relu packs the folded weight itself)."""
+    ids = set()
+    for gm in model.modules():
+        if isinstance(gm, torch.fx.GraphModule):
+            for node in gm.graph.nodes:
+                if node.op == "call_function" and node.target is fused.conv_bn_relu:
+                    ids.add(id(gm.get_submodule(node.args[1].target)))
+    return ids
+
+
+def _convert_convolutions(model: nn.Module, report: ConversionReport) -> None:
+    """Each plain nn.Conv2d not folded into a batch norm (a stem, a conv before a ReLU -> pool) ->
+    torchfast.nn.Conv2d: the same layer, whose CPU fp32 inference takes a pre-packed weight."""
+    folded = _folded_convolutions(model)
+    for path, m in model.named_modules():
+        if type(m) is not nn.Conv2d or id(m) in folded:
+            continue
+        if _has_hooks(m):
+            report.skipped.append((path, "nn.Conv2d with hooks"))
+            continue
+        m.__class__ = PackedConv2d
+        report.swaps.append((path, "nn.Conv2d -> torchfast.nn.Conv2d (CPU fp32 inference: the weight pre-packed "
+                                   "for oneDNN)"))
+
+
 # -- optimizers ---------------------------------------------------------------------------------------
 
 def _convert_optimizer(optimizer: torch.optim.Optimizer, old: nn.Module, new: nn.Module, report: ConversionReport):
@@ -358,6 +390,7 @@ def convert(model: nn.Module, *, inplace: bool = False, optimizer: Optional[torc
     _convert_sequential(out, rep)
     _route_sdpa_calls(out, rep)
     if any(what.endswith(_FOLDED) for _, what in rep.swaps):  # (the plan pays where convolutions fold)
+        _convert_convolutions(out, rep)  # a convolutional network's inference: its other convolutions too
         why_not = layout_plan.install(out)
         if why_not is None:
             rep.swaps.append(("", "CPU inference runs channels_last inside (the input converted once, 4-D outputs "

@@ -11,6 +11,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from torchfast.nn import attention as fused_attention
 from torchfast.nn import layers as fused
+from torchfast.nn.conv import Conv2d as PackedConv2d
+from torchfast.nn.pooling import ReLUMaxPool2d
 from torchfast.reference import modules as reference
 
 
@@ -75,6 +77,13 @@ class _PlainSequential(nn.Sequential):
     """ConvBNReLU2d's plain form: its children ("0", "1", "2") run one after another."""
 
 
+class PlainReLUMaxPool2d(nn.MaxPool2d):
+    """ReLUMaxPool2d's plain form: torch's ReLU, then nn.MaxPool2d's forward."""
+
+    def forward(self, input: Tensor):
+        return super().forward(torch.relu(input))
+
+
 # Fused class -> the plain class with the same attributes, submodules and state_dict keys.
 _PLAIN_CLASS = {
     fused.ResidualBlock: _PlainResidualBlock,
@@ -82,6 +91,8 @@ _PLAIN_CLASS = {
     fused.BatchNormReLU2d: PlainBatchNormReLU2d,
     fused.BatchNormAddReLU2d: PlainBatchNormAddReLU2d,
     fused_attention.MultiheadAttention: PlainMultiheadAttention,
+    PackedConv2d: nn.Conv2d,  # (what torchfast.convert leaves of a plain convolution)
+    ReLUMaxPool2d: PlainReLUMaxPool2d,
 }
 
 # (conv, bn) child names of the plain forms whose batch norm follows the convolution directly.
@@ -104,7 +115,7 @@ def to_plain(model: nn.Module, *, fold_bn: bool = False, inplace: bool = False) 
             plain_cls = PlainMultiheadAttention
         if plain_cls is not None:
             module.__class__ = plain_cls  # same attributes: a subclass/twin with the plain forward
-            for attr in ("_folded",):  # the fused forms' inference caches
+            for attr in ("_folded", "_torchfast_packed"):  # the fused forms' inference caches
                 module.__dict__.pop(attr, None)
             if plain_cls is PlainMultiheadAttention:
                 module.make_linears()

@@ -34,7 +34,9 @@ MIN_NUMEL = 16384
 def usable(x: Tensor, weight: Tensor, padding) -> bool:
     # Not under torch.compile/export either: the op has no fake-tensor implementation to trace.
     # Tracing is checked first: a size test on a traced input would put a guard on its (dynamic) batch.
-    return (AVAILABLE and not torch.compiler.is_compiling() and not exporting() and x.device.type == "cpu"
+    # Nor under torch.jit.trace, which would record the op with an opaque pre-packed weight.
+    return (AVAILABLE and not torch.compiler.is_compiling() and not exporting() and not torch.jit.is_tracing()
+            and x.device.type == "cpu"
             and x.dim() == 4 and x.dtype == torch.float32 and weight.dtype == torch.float32
             and not isinstance(padding, str) and x.numel() >= MIN_NUMEL)
 
