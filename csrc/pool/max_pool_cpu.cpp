@@ -4,8 +4,9 @@
 // channels of a pixel contiguous: the forward keeps each window's running maximum and its position
 // in Vectorized registers (fp32/fp64), the backward gathers, for each input pixel, the gradients of
 // the windows that picked it. NCHW: parallel over rows of the planes; fp32/fp64 forwards vectorised
-// over output columns (see forward_planar_vectorized), the backward branch-free. The backward writes
-// every input gradient once (no zero fill followed by a scatter, as torch's max-pool backward does).
+// over output columns (see forward_planar_vectorized), the backward a scatter per plane in cache.
+// The channels_last backward writes every input gradient once (no zero fill followed by a scatter,
+// as torch's max-pool backward does).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -248,42 +249,43 @@ void backward_channels_last(const scalar_t* grad_out, const scalar_t* out, const
   });
 }
 
-// NCHW: one input row at a time, in a row of accumulators that stays in cache: the windows of the
-// output rows that cover it hand their gradient to the column their argmax names (a table lookup,
-// no division per element). Branch-free: a window whose maximum lies in another row adds zero (to
-// a padded accumulator row, so its column index needs no bounds test); a data-dependent branch
-// mispredicts on a third of the windows. The additions reach each element in torch's order.
+// NCHW: one plane at a time (in cache): its input gradient zeroed, then each output hands its
+// gradient to the element its argmax names, in torch's order (output rows, then columns), so an
+// element several windows picked sums them as torch's backward does. One visit per output (a
+// gather per input row, as in the channels_last backward, would visit each output for every row
+// of its window). Reduced-precision types sum in a float row of the plane and round once.
 template <typename scalar_t>
 void backward_planar(const scalar_t* grad_out, const scalar_t* out, const uint8_t* argmax, scalar_t* grad_in,
                      const PoolGeometry& g, bool relu) {
   using acc_t = acc_type_t<scalar_t>;
+  constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;  // sum straight into grad_in
   int row_in_window[256], col_in_window[256];
   for (int a = 0; a < 256; ++a) {
     row_in_window[a] = a / g.kw;
     col_in_window[a] = a % g.kw;
   }
-  const int64_t rows = g.N * g.C * g.H;
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(g.W, 1));
-  const int64_t padded = std::max<int64_t>((g.OW - 1) * g.sw + g.kw, g.W + g.pw);
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> sum(padded);  // column iw of the row at iw + pw
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t plane = row / g.H, ih = row % g.H;
-      int64_t fh, lh;
-      pool_windows_of(ih, g.kh, g.sh, g.ph, g.OH, fh, lh);
-      std::fill(sum.begin(), sum.end(), acc_t(0));
-      for (int64_t oh = fh; oh <= lh; ++oh) {
-        const int r = static_cast<int>(ih - (oh * g.sh - g.ph));
-        const int64_t q = (plane * g.OH + oh) * g.OW;
-        const uint8_t* a = argmax + q;
+  const int64_t plane_in = g.H * g.W, plane_out = g.OH * g.OW;
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(plane_in + plane_out, 1));
+  at::parallel_for(0, g.N * g.C, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(kDirect ? 0 : plane_in);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      acc_t* sum = kDirect ? reinterpret_cast<acc_t*>(grad_in + plane * plane_in) : scratch.data();
+      std::fill(sum, sum + plane_in, acc_t(0));
+      const int64_t q0 = plane * plane_out;
+      for (int64_t oh = 0; oh < g.OH; ++oh) {
+        const int64_t h0 = oh * g.sh - g.ph;
         for (int64_t ow = 0; ow < g.OW; ++ow) {
-          const acc_t gv =
-              pool_grad_through_relu(static_cast<acc_t>(grad_out[q + ow]), static_cast<acc_t>(out[q + ow]), relu);
-          sum[ow * g.sw + col_in_window[a[ow]]] += row_in_window[a[ow]] == r ? gv : acc_t(0);
+          const int64_t q = q0 + oh * g.OW + ow;
+          const int64_t ih = h0 + row_in_window[argmax[q]], iw = ow * g.sw - g.pw + col_in_window[argmax[q]];
+          if (ih < 0 || ih >= g.H || iw < 0 || iw >= g.W) continue;  // (not an argmax the forward gives)
+          sum[ih * g.W + iw] +=
+              pool_grad_through_relu(static_cast<acc_t>(grad_out[q]), static_cast<acc_t>(out[q]), relu);
         }
       }
-      scalar_t* gi = grad_in + row * g.W;
-      for (int64_t iw = 0; iw < g.W; ++iw) gi[iw] = static_cast<scalar_t>(sum[iw + g.pw]);
+      if constexpr (!kDirect) {
+        scalar_t* gi = grad_in + plane * plane_in;
+        for (int64_t i = 0; i < plane_in; ++i) gi[i] = static_cast<scalar_t>(sum[i]);
+      }
     }
   });
 }
