@@ -25,6 +25,7 @@
 #include "attention/attention_math.h"
 #include "common/cpu_brgemm.h"
 #include "common/cpu_gemm.h"
+#include "common/cpu_small_gemm.h"
 
 namespace torchfast {
 namespace {
@@ -166,6 +167,16 @@ inline int64_t key_block(int64_t S) { return std::max<int64_t>(std::min<int64_t>
 inline int64_t backward_query_block(int64_t L) { return L >= 768 ? 128 : 64; }
 inline int64_t backward_key_block(int64_t S) { return std::max<int64_t>(std::min<int64_t>(S, 256), 1); }
 
+// fp32/fp64 products with a head dim of at most this inside (Q K^T) or outside (P V) go through
+// small_gemm instead of the BLAS (csrc/common/cpu_small_gemm.h: at 64 x 64 x 16 the BLAS call's fixed
+// cost and packing are as large as the arithmetic).
+constexpr int64_t kSmallHeadDim = 64;
+
+template <typename O, typename T>
+bool use_small_products(const AttnShape& sh) {
+  return std::is_same_v<O, T> && sh.D <= kSmallHeadDim && sh.Dv <= kSmallHeadDim;
+}
+
 // O is the operand type of the products (the inputs as stored): T itself, or bf16 with fp32 math T,
 // where the BLAS multiplies bf16 natively (AMX on recent x86).
 template <typename O, typename T>
@@ -287,7 +298,10 @@ void forward_kernel(const Rows<O>& q, const Rows<O>& k, const Rows<O>& v, const 
   const int64_t nq = (sh.L + qB - 1) / qB;
   // Packed products write whole 64-column chunks (scores) and 16-column groups (the output), and
   // leave the scores unscaled: the rows apply the scale (with the mask, or inside the exp pass).
-  const int64_t sld = packed ? round_up(kB, kPackChunk) : kB;
+  const bool small = !packed && use_small_products<O, T>(sh);
+  // Small products write whole vectors: score rows padded to the vector width (the columns past a
+  // block's keys are never read).
+  const int64_t sld = packed ? round_up(kB, kPackChunk) : small ? round_up(kB, Vec<T>::size()) : kB;
   const int64_t ald = packed ? round_up(sh.Dv, 16) : sh.Dv;
   const ScoreScale<T> ss(packed, mk, scale);
   const T xs = ss.xs;
@@ -296,6 +310,7 @@ void forward_kernel(const Rows<O>& q, const Rows<O>& k, const Rows<O>& v, const 
     std::vector<T> scores(qB * sld), row_buf(kNarrow ? sld : 0);
     std::vector<T> acc(qB * ald), mx(qB), sum(qB), z(mk.dropout ? kB : 0);
     std::vector<O> probs(qB * sld);  // the product's operand: the probabilities in O
+    std::vector<T> kt(small ? sh.D * sld : 0);  // small products: the key block transposed (D x sld)
     PackedKV pk(sh, kB);
     const BrgemmScope brgemm_scope(packed);
     for (int64_t task = begin; task < end; ++task) {
@@ -351,6 +366,12 @@ void forward_kernel(const Rows<O>& q, const Rows<O>& k, const Rows<O>& v, const 
         const PackedShape vblock = packed ? pk.v_block(sh, j0 / kB) : PackedShape();
         if (packed) {  // (j0 is a multiple of 64: key_block is S itself or 512)
           packed_product(m, sh.D, q.at(b, h, i0), q.ld, pk.k_data.data(), pk.kt, j0, j0 + n, scores.data(), sld, false);
+        } else if (small) {
+          if constexpr (std::is_same_v<O, T>) {
+            at::vec::transpose_mxn<T>(k.at(b, h, j0), k.ld, kt.data(), sld, static_cast<int>(n), static_cast<int>(sh.D));
+            const int64_t n_pad = round_up(n, Vec<T>::size());
+            small_gemm<T>(m, n_pad, sh.D, scale, q.at(b, h, i0), q.ld, kt.data(), sld, false, scores.data(), sld);
+          }
         } else {
           gemm_op<O, T>(false, true, m, n, sh.D, scale, q.at(b, h, i0), q.ld, k.at(b, h, j0), k.ld, T(0),
                         scores.data(), sld);
@@ -377,6 +398,9 @@ void forward_kernel(const Rows<O>& q, const Rows<O>& k, const Rows<O>& v, const 
           const int64_t K = n == vblock_rows ? vblock.K_pad : n - n % 2;
           packed_product(m, K, probs.data(), sld, pk.v_of(j0 / kB), vblock, 0, vblock.N_pad, acc.data(), ald, true);
           if (K < n) add_last_key(probs.data() + (n - 1), sld, v.at(b, h, j0 + n - 1), m, sh.Dv, acc.data(), ald);
+        } else if (small) {
+          if constexpr (std::is_same_v<O, T>)
+            small_gemm<T>(m, sh.Dv, n, T(1), probs.data(), sld, v.at(b, h, j0), v.ld, true, acc.data(), ald);
         } else {
           gemm_op<O, T>(false, false, m, sh.Dv, n, T(1), probs.data(), sld, v.at(b, h, j0), v.ld, T(1), acc.data(),
                         ald);
