@@ -67,8 +67,8 @@ def _converted_resnet(arch: str, blocks: int):
     assert ("", "CPU inference runs channels_last inside (the input converted once, 4-D outputs converted back): "
                 "torchfast.layout_plan") in report.swaps
     # the stem's ReLU -> max pool (module calls in the root's own forward) as one layer
-    assert ("relu", "ReLU + MaxPool2d (maxpool) -> ReLUMaxPool2d (the ReLU becomes nn.Identity)") in report.swaps
-    assert type(fast.relu) is nn.Identity and type(fast.maxpool) is torchfast.nn.ReLUMaxPool2d
+    assert ("relu", "ReLU + MaxPool2d (maxpool) -> ReLUMaxPool2d (the ReLU becomes torchfast.nn.AbsorbedReLU, an identity)") in report.swaps
+    assert type(fast.relu) is torchfast.nn.AbsorbedReLU and type(fast.maxpool) is torchfast.nn.ReLUMaxPool2d
     assert type(fast) is type(net)  # the root keeps its class: only its layers were swapped
     assert ("conv1", "nn.Conv2d -> torchfast.nn.Conv2d (CPU fp32 inference: the weight pre-packed for oneDNN)") \
         in report.swaps
@@ -105,7 +105,7 @@ def test_sequential_conv_bn_relu_and_what_stays():
                         nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.SiLU())
     fast = torchfast.convert(net)
     kinds = [type(m) for m in fast]
-    assert kinds[1] is torchfast.nn.BatchNormReLU2d and kinds[2] is nn.Identity
+    assert kinds[1] is torchfast.nn.BatchNormReLU2d and kinds[2] is torchfast.nn.AbsorbedReLU
     assert kinds[4] is nn.BatchNorm2d and kinds[5] is nn.ReLU6
     assert kinds[7] is nn.GroupNorm and kinds[10] is nn.BatchNorm2d and kinds[11] is nn.SiLU
     _check_equivalent(net, fast, torch.randn(4, 3, 10, 10))
@@ -139,14 +139,14 @@ def test_relu_then_max_pool_fused_in_sequentials_and_forwards():
     fast = torchfast.convert(seq)
     kinds = [type(m) for m in fast]
     # (the pool, not BatchNorm2d -> ReLU, takes the ReLU: the pool's NCHW kernel pays more)
-    assert kinds[1:4] == [nn.BatchNorm2d, nn.Identity, torchfast.nn.ReLUMaxPool2d]
+    assert kinds[1:4] == [nn.BatchNorm2d, torchfast.nn.AbsorbedReLU, torchfast.nn.ReLUMaxPool2d]
     assert kinds[5:] == [nn.ReLU, nn.MaxPool2d]  # dilation: left alone, with the reason
     assert any(p == "5" and "dilation" in w for p, w in fast.torchfast_conversion.skipped)
     _check_equivalent(seq, fast, torch.randn(4, 3, 19, 23))
 
     net = _StemThenHead()
     fast = torchfast.convert(net)
-    assert type(fast.relu) is nn.Identity and type(fast.pool) is torchfast.nn.ReLUMaxPool2d
+    assert type(fast.relu) is torchfast.nn.AbsorbedReLU and type(fast.pool) is torchfast.nn.ReLUMaxPool2d
     assert type(fast.relu2) is nn.ReLU and type(fast.pool2) is nn.MaxPool2d
     _check_equivalent(net, fast, torch.randn(2, 3, 15, 17))
     for kwargs, why in (({"share_relu": True}, "called more than once"),
@@ -356,3 +356,49 @@ def test_automatic_routing_leaves_short_cpu_sequences_to_torch():
     with torch.profiler.profile() as prof:
         fast(torch.randn(2, 3, 16, 16))
     assert "torchfast::flash_attention" not in {e.name for e in prof.events()}
+
+
+class _Tap(nn.Sequential):
+    """An nn.Sequential subclass whose forward also returns the ReLU's output: not a plain chain."""
+
+    def forward(self, x):
+        a = self[1](self[0](x))
+        return self[2](a), a
+
+
+def test_sequential_subclass_with_its_own_forward_is_left_alone():
+    torch.manual_seed(0)
+    model = _Tap(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)).eval()
+    fast = torchfast.convert(model)
+    x = torch.randn(2, 3, 16, 16)
+    for a, b in zip(fast(x), model(x)):
+        torch.testing.assert_close(a, b)
+
+
+def test_converted_resnet_traces_and_to_plain_brings_the_relus_back():
+    tv = pytest.importorskip("torchvision")
+    from torchfast.deploy import to_plain
+    torch.manual_seed(0)
+    model = tv.models.resnet18(num_classes=10).eval()
+    fast = torchfast.convert(model)
+    x = torch.randn(2, 3, 64, 64)
+    gm = torch.fx.symbolic_trace(fast)  # ReLUMaxPool2d records torch's ReLU and pool under tracing
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-4)
+    plain = to_plain(fast)
+    assert type(plain.relu) is nn.ReLU and type(plain.maxpool) is nn.MaxPool2d
+    fused = torch.ao.quantization.fuse_modules(plain, [["conv1", "bn1", "relu"]])  # what quantizers run
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_plain_convolutions_keep_the_input_layout():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1)).eval()
+    fast = torchfast.convert(model)
+    x = torch.randn(4, 3, 40, 40)
+    with torch.no_grad():
+        got = fast(x)
+    assert got.is_contiguous()
+    torch.testing.assert_close(got.view(4, -1), model(x).view(4, -1), rtol=1e-4, atol=1e-4)

@@ -181,11 +181,13 @@ def test_packed_weights_follow_weight_updates_and_input_shapes():
 def test_packed_weight_cache_rules():
     cache = _onednn.PackedWeight()
     w = torch.randn(16, 8, 3, 3)
-    x = torch.randn(2, 8, 16, 16)
+    x = torch.randn(2, 8, 16, 16).contiguous(memory_format=torch.channels_last)
     args = ((1, 1), (1, 1), (1, 1), 1)
+    nchw = x.contiguous()
+    assert cache.get(w, nchw, *args) is w  # NCHW: as it is (the packed path would answer channels_last)
     p = cache.get(w, x, *args)
     assert p.layout == torch._mkldnn and cache.get(w, x, *args) is p  # kept
-    assert cache.get(w, torch.randn(3, 8, 16, 16), *args) is not p  # another geometry: repacked
+    assert cache.get(w, torch.randn(3, 8, 16, 16).contiguous(memory_format=torch.channels_last), *args) is not p  # another geometry: repacked
     p = cache.get(w, x, *args)
     w.add_(1.0)
     assert cache.get(w, x, *args) is not p  # a new version: repacked
@@ -194,6 +196,6 @@ def test_packed_weight_cache_rules():
     with torch.inference_mode():
         inf = torch.randn(16, 8, 3, 3)
     assert cache.get(inf, x, *args) is inf  # no version counter: as it is
-    assert copy.deepcopy(cache).packed is None  # the opaque tensor is not copied
+    assert copy.deepcopy(cache).entry is None  # the opaque tensor is not copied
     got = _onednn.conv2d_relu(x, w, None, (1, 1), (1, 1), (1, 1), 1, True, cache)
     torch.testing.assert_close(got, F.relu(F.conv2d(x, w, None, 1, 1)), rtol=1e-5, atol=1e-5)

@@ -4,9 +4,9 @@ provably the same computation, and nothing else changed.
 What it rewrites (state_dict keys and values unchanged; each swap and each candidate left alone is
 reported):
 - nn.MultiheadAttention -> torchfast.nn.MultiheadAttention (same parameters; a subclass);
-- BatchNorm2d followed by ReLU in an nn.Sequential -> BatchNormReLU2d (the ReLU becomes nn.Identity);
+- BatchNorm2d followed by ReLU in an nn.Sequential -> BatchNormReLU2d (the ReLU becomes torchfast.nn.AbsorbedReLU, an identity);
 - an nn.ReLU whose output only an nn.MaxPool2d reads (in an nn.Sequential, or module calls in a traced
-  forward: torchvision ResNet's stem) -> ReLUMaxPool2d (the ReLU becomes nn.Identity);
+  forward: torchvision ResNet's stem) -> ReLUMaxPool2d (the ReLU becomes torchfast.nn.AbsorbedReLU, an identity);
 - inside a block's traced forward (torch.fx): bn -> ReLU -> BatchNormReLU2d, and
   bn -> (+ identity) -> ReLU -> BatchNormAddReLU2d(x, identity): the cheat sheet's ResidualBlock,
   torchvision's BasicBlock and Bottleneck (their downsample branch is the "identity");
@@ -36,6 +36,7 @@ from torch import nn
 from torchfast import layout_plan
 from torchfast.nn import attention as fused_attention
 from torchfast.nn import layers as fused
+from torchfast.nn.absorbed import absorb_relu
 from torchfast.nn.conv import Conv2d as PackedConv2d
 from torchfast.nn.pooling import ReLUMaxPool2d, pool_window
 from torchfast.ops._registry import exporting
@@ -81,9 +82,15 @@ def _convert_attention(model: nn.Module, report: ConversionReport) -> None:
 
 # -- BatchNorm2d -> ReLU in nn.Sequential ------------------------------------------------------------
 
+def _chains(m: nn.Module) -> bool:
+    """An nn.Sequential whose forward is nn.Sequential's: each child reads the previous one's output
+    alone (a subclass with its own forward may read any child's output anywhere)."""
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+
+
 def _convert_sequential(model: nn.Module, report: ConversionReport) -> None:
     for path, seq in list(model.named_modules()):
-        if not isinstance(seq, nn.Sequential) or type(seq) in (fused.ConvBNReLU2d,):
+        if not _chains(seq) or type(seq) in (fused.ConvBNReLU2d,):
             continue
         names = list(seq._modules)
         for a, b in zip(names, names[1:]):
@@ -97,7 +104,7 @@ def _convert_sequential(model: nn.Module, report: ConversionReport) -> None:
                 report.skipped.append((where, "hooks on the batch norm or the ReLU"))
             else:
                 bn.__class__ = fused.BatchNormReLU2d
-                setattr(seq, b, nn.Identity())
+                absorb_relu(bn, seq, b)
                 report.swaps.append((where, f"BatchNorm2d + ReLU ({_join(path, b)}) -> BatchNormReLU2d"))
 
 
@@ -123,8 +130,8 @@ def _relu_pool_blocker(relu: nn.Module, pool: nn.Module, counts: dict) -> Option
 
 def _swap_relu_pool(owner: nn.Module, relu_name: str, pool: nn.Module) -> None:
     parent_path, _, name = relu_name.rpartition(".")
-    setattr(owner.get_submodule(parent_path) if parent_path else owner, name, nn.Identity())
     pool.__class__ = ReLUMaxPool2d
+    absorb_relu(pool, owner.get_submodule(parent_path) if parent_path else owner, name)
 
 
 def _traced_relu_pools(owner: nn.Module) -> list:
@@ -158,11 +165,11 @@ def _traced_relu_pools(owner: nn.Module) -> list:
 
 def _convert_relu_pool(model: nn.Module, report: ConversionReport) -> None:
     """Each nn.ReLU whose output only an nn.MaxPool2d reads (adjacent children of an nn.Sequential, or
-    module calls in a forward, traced with torch.fx) -> the ReLU becomes nn.Identity and the pool
+    module calls in a forward, traced with torch.fx) -> the ReLU becomes AbsorbedReLU (an identity) and the pool
     torchfast.nn.ReLUMaxPool2d: the two in one pass (no state changes: neither has any)."""
     counts = _use_counts(model)
     for path, owner in list(model.named_modules()):
-        if isinstance(owner, nn.Sequential):
+        if _chains(owner):
             names = list(owner._modules)
             pairs = [(a, b, None) for a, b in zip(names, names[1:])
                      if type(owner._modules[a]) is nn.ReLU and type(owner._modules[b]) is nn.MaxPool2d]
@@ -183,7 +190,7 @@ def _convert_relu_pool(model: nn.Module, report: ConversionReport) -> None:
                 continue
             _swap_relu_pool(owner, relu_name, pool)
             report.swaps.append((where, f"ReLU + MaxPool2d ({_join(path, pool_name)}) -> ReLUMaxPool2d "
-                                        "(the ReLU becomes nn.Identity)"))
+                                        "(the ReLU becomes torchfast.nn.AbsorbedReLU, an identity)"))
 
 
 # -- blocks, by their traced forward ------------------------------------------------------------------

@@ -29,6 +29,7 @@ from torch.utils._pytree import tree_map
 
 from torchfast.nn import attention as fused_attention
 from torchfast.nn import layers as fused
+from torchfast.nn.absorbed import AbsorbedReLU
 from torchfast.nn.conv import Conv2d as PackedConv2d
 from torchfast.nn.pooling import ReLUMaxPool2d
 from torchfast.ops._registry import exporting
@@ -42,7 +43,7 @@ _SAFE_MODULES = frozenset({
     nn.Dropout, nn.Dropout2d, nn.Identity, nn.Flatten, nn.Linear,
     fused.BatchNormReLU2d, fused.BatchNormAddReLU2d, fused.SyncBatchNormReLU2d, fused.SyncBatchNormAddReLU2d,
     fused.ConvBNReLU2d, fused.ResidualBlock, fused_attention.MultiheadAttention, ReLUMaxPool2d,
-    PackedConv2d,
+    PackedConv2d, AbsorbedReLU,
 })
 
 # Tensor methods (and torch functions) whose result depends on the layout or that refuse a layout.

@@ -11,6 +11,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from torchfast.nn import attention as fused_attention
 from torchfast.nn import layers as fused
+from torchfast.nn.absorbed import AbsorbedReLU, absorbed_relu
 from torchfast.nn.conv import Conv2d as PackedConv2d
 from torchfast.nn.pooling import ReLUMaxPool2d
 from torchfast.reference import modules as reference
@@ -99,6 +100,18 @@ _PLAIN_CLASS = {
 _CONV_BN_PAIRS = {_PlainResidualBlock: (("conv1", "bn1"), ("conv2", "bn2")), _PlainSequential: (("0", "1"),)}
 
 
+def _restore_absorbed_relus(model: nn.Module) -> None:
+    """What torchfast.convert split off: each AbsorbedReLU -> nn.ReLU again, and the layer that applied
+    it -> torch's own (BatchNormReLU2d -> nn.BatchNorm2d, ReLUMaxPool2d -> nn.MaxPool2d)."""
+    for module in list(model.modules()):
+        if absorbed_relu(module) and type(module) in (fused.BatchNormReLU2d, ReLUMaxPool2d):
+            module.__class__ = nn.BatchNorm2d if type(module) is fused.BatchNormReLU2d else nn.MaxPool2d
+            del module.__dict__["_torchfast_absorbed_relu"]
+        for name, child in list(module.named_children()):
+            if type(child) is AbsorbedReLU:
+                setattr(module, name, nn.ReLU(inplace=child.inplace).train(module.training))
+
+
 def to_plain(model: nn.Module, *, fold_bn: bool = False, inplace: bool = False) -> nn.Module:
     """`model` (a copy unless `inplace`) with every torchfast fused layer replaced by its plain torch
     form (same parameters and state_dict keys). `fold_bn` (eval mode only) folds each batch norm
@@ -109,6 +122,7 @@ def to_plain(model: nn.Module, *, fold_bn: bool = False, inplace: bool = False) 
     if fold_bn and out.training:
         raise ValueError("to_plain(fold_bn=True): batch norm folds into the convolution only in eval mode; "
                          "call model.eval() first")
+    _restore_absorbed_relus(out)
     for module in out.modules():
         plain_cls = _PLAIN_CLASS.get(type(module))
         if plain_cls is None and type(module) is nn.MultiheadAttention:

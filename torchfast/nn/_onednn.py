@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from torchfast.ops._registry import exporting
+from torchfast.sharded.dtensor import version_counters_track_contents
 
 
 def _available() -> bool:
@@ -44,6 +45,10 @@ def usable(x: Tensor, weight: Tensor, padding) -> bool:
 CAN_PACK = AVAILABLE and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight")
 
 
+def is_channels_last(x: Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 class PackedWeight:
     """An inference convolution's weight in the blocked layout oneDNN's kernel wants for one input
     geometry, made once instead of inside every call (what inductor's CPU freezing does). Handed a
@@ -53,25 +58,32 @@ class PackedWeight:
     (the same tensor object, held here, at the same version) or the input geometry changes (writes
     through `.data` bypass the version counter, as for FoldedConvBN); a weight that wants a gradient,
     or an inference tensor (no version counter), is used as it is. The packed tensor is opaque to
-    torch (no storage): copies and pickles of a module start with an empty cache."""
+    torch (no storage): copies and pickles of a module start with an empty cache.
+
+    Only for channels_last inputs: beside a pre-packed weight oneDNN answers in channels_last whatever
+    the input's layout, and an NCHW caller (one that .view()s the result) must get NCHW back. Not under
+    FSDP2 either, whose all-gather rewrites the parameters with their version counters kept."""
 
     def __init__(self):
-        self.source, self.key, self.packed = None, None, None
+        self.entry = None  # (weight, key, packed weight), replaced whole: threads may share the module
 
     def __reduce__(self):
         return (PackedWeight, ())
 
     def get(self, weight: Tensor, x: Tensor, padding: Sequence[int], stride: Sequence[int],
             dilation: Sequence[int], groups: int):
-        if not CAN_PACK or (torch.is_grad_enabled() and weight.requires_grad) or weight.is_inference():
+        if not CAN_PACK or (torch.is_grad_enabled() and weight.requires_grad) or weight.is_inference() or \
+                not is_channels_last(x) or not version_counters_track_contents():
             return weight
         key = (weight._version, weight.data_ptr(), tuple(x.shape), x.stride(), tuple(padding), tuple(stride),
                tuple(dilation), groups)
-        if weight is not self.source or key != self.key:
-            self.packed = torch.ops.mkldnn._reorder_convolution_weight(
-                weight, list(padding), list(stride), list(dilation), groups, list(x.shape))
-            self.source, self.key = weight, key
-        return self.packed
+        entry = self.entry  # (one read: another thread may replace it meanwhile)
+        if entry is not None and entry[0] is weight and entry[1] == key:
+            return entry[2]
+        packed = torch.ops.mkldnn._reorder_convolution_weight(
+            weight, list(padding), list(stride), list(dilation), groups, list(x.shape))
+        self.entry = (weight, key, packed)
+        return packed
 
 
 def conv2d_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],

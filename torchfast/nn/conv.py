@@ -11,8 +11,8 @@ __all__ = ["Conv2d"]
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d with the same constructor, state_dict and results. In CPU fp32 inference (no gradient
-    recorded, from 16K input elements, zero padding) the weight goes to oneDNN pre-packed for the
+    """nn.Conv2d with the same constructor, state_dict and results. In CPU fp32 inference on channels_last
+    inputs (no gradient recorded, from 16K input elements, zero padding) the weight goes to oneDNN pre-packed for the
     input's geometry (`_onednn.PackedWeight`, rebuilt when the weight or the geometry changes) instead
     of being reordered inside every call, which for few input channels or small images costs as much as
     the convolution (measured: a 3 -> 64 3x3 stem at batch 32, 32x32, channels_last: 3.1 ms -> 0.8 ms).
@@ -21,8 +21,10 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, input: Tensor) -> Tensor:
         # (a torch.fx Proxy is not a Tensor: tracing records nn.Conv2d's forward)
+        # (NCHW inputs too: the packed path answers in channels_last, see PackedWeight)
         if torch.is_grad_enabled() or not isinstance(input, Tensor) or self.padding_mode != "zeros" or \
                 not _onednn.CAN_PACK or not _onednn.usable(input, self.weight, self.padding) or \
+                not _onednn.is_channels_last(input) or \
                 torch.is_autocast_enabled("cpu") or autograd_transforms_active():
             return super().forward(input)
         packed = self.__dict__.get("_torchfast_packed")

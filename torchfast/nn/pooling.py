@@ -45,7 +45,9 @@ class ReLUMaxPool2d(nn.MaxPool2d):
 
     def forward(self, input: Tensor):
         window = window_of(self)
-        if window is None or input.dim() not in (3, 4) or torch.compiler.is_compiling():
+        # (a torch.fx Proxy is not a Tensor: tracing records torch's ReLU and pool)
+        if window is None or not isinstance(input, Tensor) or input.dim() not in (3, 4) or \
+                torch.compiler.is_compiling():
             return F.max_pool2d(F.relu(input), self.kernel_size, self.stride, self.padding, self.dilation,
                                 ceil_mode=self.ceil_mode, return_indices=self.return_indices)
         return relu_max_pool2d(input, *window, relu=True)
