@@ -11,7 +11,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from torchfast.nn import attention as fused_attention
 from torchfast.nn import layers as fused
-from torchfast.nn.absorbed import AbsorbedReLU, absorbed_relu
+from torchfast.nn.absorbed import AbsorbedReLU, absorbed_relu, release_relu
 from torchfast.nn.conv import Conv2d as PackedConv2d
 from torchfast.nn.pooling import ReLUMaxPool2d
 from torchfast.reference import modules as reference
@@ -106,7 +106,7 @@ def _restore_absorbed_relus(model: nn.Module) -> None:
     for module in list(model.modules()):
         if absorbed_relu(module) and type(module) in (fused.BatchNormReLU2d, ReLUMaxPool2d):
             module.__class__ = nn.BatchNorm2d if type(module) is fused.BatchNormReLU2d else nn.MaxPool2d
-            del module.__dict__["_torchfast_absorbed_relu"]
+            release_relu(module)
         for name, child in list(module.named_children()):
             if type(child) is AbsorbedReLU:
                 setattr(module, name, nn.ReLU(inplace=child.inplace).train(module.training))

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from torchfast.ops._registry import exporting
+from torchfast.reference.pool import is_channels_last
 from torchfast.sharded.dtensor import version_counters_track_contents
 
 
@@ -43,10 +44,6 @@ def usable(x: Tensor, weight: Tensor, padding) -> bool:
 
 
 CAN_PACK = AVAILABLE and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight")
-
-
-def is_channels_last(x: Tensor) -> bool:
-    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 class PackedWeight:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["AbsorbedReLU", "absorb_relu", "absorbed_relu"]
+__all__ = ["AbsorbedReLU", "absorb_relu", "absorbed_relu", "release_relu"]
 
 _FLAG = "_torchfast_absorbed_relu"
 
@@ -32,3 +32,8 @@ def absorb_relu(fused_layer: nn.Module, owner: nn.Module, name: str) -> None:
 def absorbed_relu(layer: nn.Module) -> bool:
     """Whether `layer` applies the ReLU of an AbsorbedReLU beside it."""
     return layer.__dict__.get(_FLAG, False)
+
+
+def release_relu(layer: nn.Module) -> None:
+    """Undoes absorb_relu's mark on `layer` (its AbsorbedReLU is an nn.ReLU again)."""
+    layer.__dict__.pop(_FLAG, None)

@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from torchfast.nn import _onednn
 from torchfast.ops._registry import autograd_transforms_active
+from torchfast.reference.pool import is_channels_last
 
 __all__ = ["Conv2d"]
 
@@ -24,7 +25,7 @@ class Conv2d(nn.Conv2d):
         # (NCHW inputs too: the packed path answers in channels_last, see PackedWeight)
         if torch.is_grad_enabled() or not isinstance(input, Tensor) or self.padding_mode != "zeros" or \
                 not _onednn.CAN_PACK or not _onednn.usable(input, self.weight, self.padding) or \
-                not _onednn.is_channels_last(input) or \
+                not is_channels_last(input) or \
                 torch.is_autocast_enabled("cpu") or autograd_transforms_active():
             return super().forward(input)
         packed = self.__dict__.get("_torchfast_packed")
