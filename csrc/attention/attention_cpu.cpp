@@ -167,14 +167,18 @@ inline int64_t key_block(int64_t S) { return std::max<int64_t>(std::min<int64_t>
 inline int64_t backward_query_block(int64_t L) { return L >= 768 ? 128 : 64; }
 inline int64_t backward_key_block(int64_t S) { return std::max<int64_t>(std::min<int64_t>(S, 256), 1); }
 
-// fp32/fp64 products with a head dim of at most this inside (Q K^T) or outside (P V) go through
-// small_gemm instead of the BLAS (csrc/common/cpu_small_gemm.h: at 64 x 64 x 16 the BLAS call's fixed
-// cost and packing are as large as the arithmetic).
+// fp32/fp64 products with a head dim of at most kSmallHeadDim inside (Q K^T) or outside (P V) and at
+// most kSmallKeys keys go through small_gemm instead of the BLAS (csrc/common/cpu_small_gemm.h: at
+// 64 x 64 x 16 the BLAS call's fixed cost and packing are as large as the arithmetic). Longer key
+// blocks stay on the BLAS: with MKL's AVX-512 kernels (Intel CPUs) it was faster from 256 keys on
+// (B=4, H=8, L=S=512, D=64: 1.08-1.12x torch's SDPA against 1.30-1.37x through small_gemm; at 64 keys,
+// D=16, small_gemm 1.03x against 1.12-1.14x), where MKL's AVX2 path on AMD CPUs was not.
 constexpr int64_t kSmallHeadDim = 64;
+constexpr int64_t kSmallKeys = 128;
 
 template <typename O, typename T>
 bool use_small_products(const AttnShape& sh) {
-  return std::is_same_v<O, T> && sh.D <= kSmallHeadDim && sh.Dv <= kSmallHeadDim;
+  return std::is_same_v<O, T> && sh.D <= kSmallHeadDim && sh.Dv <= kSmallHeadDim && sh.S <= kSmallKeys;
 }
 
 // O is the operand type of the products (the inputs as stored): T itself, or bf16 with fp32 math T,
