@@ -50,8 +50,20 @@ class Suite:
 def where(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-            f"{torch.backends.cpu.get_cpu_capability()}")
+    return f"{cpu_model()}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else the platform's processor string. Worth naming:
+    torch's BLAS and oneDNN pick different kernels on Intel and AMD CPUs of the same ISA."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _ratio_rows(rows, label, ratio_key, baseline, skip=()):
