@@ -199,3 +199,76 @@ def test_packed_weight_cache_rules():
     assert copy.deepcopy(cache).entry is None  # the opaque tensor is not copied
     got = _onednn.conv2d_relu(x, w, None, (1, 1), (1, 1), (1, 1), 1, True, cache)
     torch.testing.assert_close(got, F.relu(F.conv2d(x, w, None, 1, 1)), rtol=1e-5, atol=1e-5)
+
+
+# -- the measured choice between the packed and the planar path (converted models' convolutions) ------
+
+_GEOMETRIES = [  # in channels, out channels, kernel, stride, padding, groups, image
+    (8, 16, 3, 1, 1, 1, (9, 7)), (6, 12, 3, 2, 1, 3, (17, 16)), (16, 24, 1, 1, 0, 1, (5, 6)), (3, 8, 7, 2, 3, 1, (33, 31))]
+
+
+def _channels_last(*shape):
+    return torch.randn(*shape).contiguous(memory_format=torch.channels_last)
+
+
+def _is_channels_last(t):
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+@pytest.mark.skipif(not _onednn.CAN_PACK, reason="this torch has no mkldnn._reorder_convolution_weight")
+@pytest.mark.parametrize("path", ["packed", "planar"])
+def test_both_paths_match_torch_and_keep_channels_last(path, monkeypatch):
+    monkeypatch.setattr(_onednn, "_forced", path)
+    for cin, cout, k, stride, pad, groups, hw in _GEOMETRIES:
+        x, w, b = _channels_last(4, cin, *hw), _channels_last(cout, cin // groups, k, k), torch.randn(cout)
+        args = ((stride, stride), (pad, pad), (1, 1), groups)
+        cache = _onednn.PackedWeight()
+        plain = F.conv2d(x, w, b, stride, pad, 1, groups)
+        for relu in (False, True):
+            got = _onednn.conv2d_relu(x, w, b, *args, relu, cache, choose=True)
+            torch.testing.assert_close(got, plain.relu() if relu else plain, rtol=1e-5, atol=1e-5)
+            assert _is_channels_last(got)
+        residual = _channels_last(*plain.shape)
+        got = _onednn.conv2d_add_relu(x, residual, w, b, *args, cache, choose=True)
+        torch.testing.assert_close(got, (plain + residual).relu(), rtol=1e-5, atol=1e-5)
+        assert _is_channels_last(got)
+
+
+@pytest.mark.skipif(not _onednn.CAN_PACK, reason="this torch has no mkldnn._reorder_convolution_weight")
+def test_the_choice_is_measured_once_per_geometry_and_keeps_one_weight(monkeypatch):
+    monkeypatch.setattr(_onednn, "_choices", {})
+    weights_seen = []
+    real = _onednn._pointwise
+    monkeypatch.setattr(_onednn, "_pointwise", lambda x, w, *a: weights_seen.append(w.layout) or real(x, w, *a))
+    x, w, b = _channels_last(2, 8, 16, 16), _channels_last(16, 8, 3, 3), torch.randn(16)
+    args = ((1, 1), (1, 1), (1, 1), 1)
+    cache = _onednn.PackedWeight()
+    first = _onednn.conv2d_relu(x, w, b, *args, True, cache, choose=True)
+    assert len(weights_seen) == 2 * (1 + _onednn.MEASURE_ROUNDS)  # both paths: a warm-up and the timed rounds
+    (key, choice), = _onednn.chosen_paths().items()
+    assert choice in ("packed", "planar")
+    assert (cache.entry is None) == (choice == "planar") and (cache.planar_entry is None) == (choice == "packed")
+    weights_seen.clear()
+    again = _onednn.conv2d_relu(x, w, b, *args, True, cache, choose=True)
+    assert weights_seen == [torch._mkldnn if choice == "packed" else torch.strided]  # the chosen path, once
+    assert torch.equal(again, first)
+    _onednn.conv2d_relu(_channels_last(3, 8, 16, 16), w, b, *args, True, cache, choose=True)
+    assert len(_onednn.chosen_paths()) == 2  # another geometry: measured on its own
+    weights_seen.clear()
+    _onednn.conv2d_relu(x, w, b, *args, True, cache)  # without `choose` (torchfast's own modules): packed
+    assert weights_seen == [torch._mkldnn]
+
+
+@pytest.mark.skipif(not _onednn.CAN_PACK, reason="this torch has no mkldnn._reorder_convolution_weight")
+@pytest.mark.parametrize("path", ["packed", "planar", None])
+def test_converted_resnet_is_the_original_on_either_path(path, monkeypatch):
+    monkeypatch.setattr(_onednn, "_forced", path)
+    monkeypatch.setattr(_onednn, "_choices", {})
+    net = _resnet18()
+    fast = torchfast.convert(net)
+    x = torch.randn(8, 3, 64, 64)  # every convolution's input above MIN_NUMEL: all take oneDNN
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), net(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast(x), net(x), rtol=1e-5, atol=1e-5)
+    if path is None:
+        assert len(_onednn.chosen_paths()) > 0

@@ -8,6 +8,8 @@ callers fall back to F.conv2d otherwise.
 """
 from __future__ import annotations
 
+import math
+import time
 from typing import Optional, Sequence
 
 import torch
@@ -63,14 +65,19 @@ class PackedWeight:
 
     def __init__(self):
         self.entry = None  # (weight, key, packed weight), replaced whole: threads may share the module
+        self.planar_entry = None  # (weight, key, the weight NCHW-contiguous) for the planar path, see below
 
     def __reduce__(self):
         return (PackedWeight, ())
 
+    @staticmethod
+    def applies(weight: Tensor, x: Tensor) -> bool:
+        return (CAN_PACK and not (torch.is_grad_enabled() and weight.requires_grad) and not weight.is_inference()
+                and is_channels_last(x) and version_counters_track_contents())
+
     def get(self, weight: Tensor, x: Tensor, padding: Sequence[int], stride: Sequence[int],
             dilation: Sequence[int], groups: int):
-        if not CAN_PACK or (torch.is_grad_enabled() and weight.requires_grad) or weight.is_inference() or \
-                not is_channels_last(x) or not version_counters_track_contents():
+        if not self.applies(weight, x):
             return weight
         key = (weight._version, weight.data_ptr(), tuple(x.shape), x.stride(), tuple(padding), tuple(stride),
                tuple(dilation), groups)
@@ -82,20 +89,124 @@ class PackedWeight:
         self.entry = (weight, key, packed)
         return packed
 
+    def planar(self, weight: Tensor) -> Tensor:
+        """The weight as the planar path wants it: OIHW-contiguous (a channels_last weight beside an NCHW
+        input sends oneDNN down a path 1.4-2.4x slower, measured at 2x2-4x4 images), copied once."""
+        if weight.is_contiguous():
+            return weight
+        key = (weight._version, weight.data_ptr())
+        entry = self.planar_entry
+        if entry is not None and entry[0] is weight and entry[1] == key:
+            return entry[2]
+        planar = weight.contiguous()
+        self.planar_entry = (weight, key, planar)
+        return planar
 
-def conv2d_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
-                dilation: Sequence[int], groups: int, relu: bool, packed: Optional[PackedWeight] = None) -> Tensor:
-    """relu?(conv2d(x)) as one oneDNN call (check `usable` first). `packed`: the weight is a constant
-    (inference) and is handed to oneDNN pre-packed (see PackedWeight)."""
-    w = weight if packed is None else packed.get(weight, x, padding, stride, dilation, groups)
+
+# -- which oneDNN path a channels_last inference convolution takes, measured ---------------------------
+
+# A channels_last inference convolution can run two ways: on the channels_last activations with the
+# pre-packed weight ("packed"), or converted to NCHW with the plain weight and its output converted back
+# ("planar": oneDNN then reorders the activations to its blocked layout itself). Which is faster depends
+# on the geometry and on the CPU, in both directions (ResNet-18, batch 16, 512 channels at 2x2: on an
+# Intel Xeon 3.3 ms packed, 2.6 ms planar; on an AMD EPYC the channels_last path needed the packed
+# weight to come down from 14.5 ms to 2.3 ms; 64 channels at 16x16 on the Intel host: packed 1.3 ms,
+# planar 1.6 ms). So, as cudnn.benchmark does for cuDNN's algorithms, the first call of each geometry
+# times both (interleaved, after one warm-up call each, the best of MEASURE_ROUNDS) and every later
+# call takes the faster. Both give the same values (up to the last bits of fp32 rounding); the output
+# keeps the input's layout either way.
+MEASURE_ROUNDS = 3
+_choices: dict = {}  # geometry key -> "packed" | "planar"
+_forced: Optional[str] = None  # tests pin one path: "packed" or "planar"
+
+
+def _key(x: Tensor, weight: Tensor, residual: Optional[Tensor], kind: str, stride, padding, dilation, groups) -> tuple:
+    return (tuple(x.shape), x.dtype, tuple(weight.shape), residual is not None, kind, tuple(stride), tuple(padding),
+            tuple(dilation), groups, torch.get_num_threads())
+
+
+def _measured(key: tuple, packed_path, planar_path) -> Tensor:
+    choice = _forced or _choices.get(key)
+    if choice == "packed":
+        return packed_path()
+    if choice == "planar":
+        return planar_path()
+    paths = {"packed": packed_path, "planar": planar_path}
+    best = {name: math.inf for name in paths}
+    out = {name: path() for name, path in paths.items()}  # warm-up: the packing, oneDNN's primitive set-up
+    for _ in range(MEASURE_ROUNDS):
+        for name, path in paths.items():
+            start = time.perf_counter()
+            out[name] = path()
+            best[name] = min(best[name], time.perf_counter() - start)
+    choice = min(best, key=best.get)
+    _choices[key] = choice
+    return out[choice]
+
+
+def chosen_paths() -> dict:
+    """{geometry key: "packed" | "planar"}: what the measured choice picked so far in this process."""
+    return dict(_choices)
+
+
+def _pointwise(x: Tensor, w: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups, relu: bool) -> Tensor:
     return torch.ops.mkldnn._convolution_pointwise(x, w, bias, list(padding), list(stride), list(dilation),
                                                    groups, "relu" if relu else "none", [], "")
 
 
-def conv2d_add_relu(x: Tensor, residual: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
-                    padding: Sequence[int], dilation: Sequence[int], groups: int,
-                    packed: Optional[PackedWeight] = None) -> Tensor:
-    """relu(conv2d(x) + residual) as one oneDNN call (check `usable` first); `packed` as for conv2d_relu."""
-    w = weight if packed is None else packed.get(weight, x, padding, stride, dilation, groups)
+def _pointwise_add_relu(x: Tensor, residual: Tensor, w: Tensor, bias: Optional[Tensor], stride, padding, dilation,
+                        groups) -> Tensor:
     return torch.ops.mkldnn._convolution_pointwise.binary(
         x, residual, w, bias, list(padding), list(stride), list(dilation), groups, "add", 1.0, "relu", [], "")
+
+
+def conv2d_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
+                dilation: Sequence[int], groups: int, relu: bool, packed: Optional[PackedWeight] = None,
+                choose: bool = False) -> Tensor:
+    """relu?(conv2d(x)) as one oneDNN call (check `usable` first). `packed`: the weight is a constant
+    (inference): a channels_last input takes the packed path, or with `choose` the faster of the packed
+    and the planar path (see above). torchfast's own modules do not choose: their networks keep the
+    activations channels_last from the stem to the head, never converted between layers."""
+    args = (stride, padding, dilation, groups)
+    if packed is None or not PackedWeight.applies(weight, x):
+        return _pointwise(x, weight, bias, *args, relu)
+    if not choose:
+        return _pointwise(x, packed.get(weight, x, padding, stride, dilation, groups), bias, *args, relu)
+    key = _key(x, weight, None, "relu" if relu else "none", *args)
+    out = _measured(key,
+                    lambda: _pointwise(x, packed.get(weight, x, padding, stride, dilation, groups), bias, *args, relu),
+                    lambda: _pointwise(x.contiguous(), packed.planar(weight), bias, *args, relu).contiguous(
+                        memory_format=torch.channels_last))
+    _drop_unchosen(key, packed)
+    return out
+
+
+def conv2d_add_relu(x: Tensor, residual: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
+                    padding: Sequence[int], dilation: Sequence[int], groups: int,
+                    packed: Optional[PackedWeight] = None, choose: bool = False) -> Tensor:
+    """relu(conv2d(x) + residual) as one oneDNN call (check `usable` first); `packed` and `choose` as for
+    conv2d_relu (the residual in the input's layout)."""
+    args = (stride, padding, dilation, groups)
+    if packed is None or not PackedWeight.applies(weight, x):
+        return _pointwise_add_relu(x, residual, weight, bias, *args)
+    if not choose:
+        return _pointwise_add_relu(x, residual, packed.get(weight, x, padding, stride, dilation, groups), bias, *args)
+    key = _key(x, weight, residual, "add_relu", *args)
+    out = _measured(key,
+                    lambda: _pointwise_add_relu(x, residual, packed.get(weight, x, padding, stride, dilation, groups),
+                                                bias, *args),
+                    lambda: _pointwise_add_relu(x.contiguous(), residual.contiguous(), packed.planar(weight), bias,
+                                                *args).contiguous(memory_format=torch.channels_last))
+    _drop_unchosen(key, packed)
+    return out
+
+
+def _drop_unchosen(key: tuple, packed: PackedWeight) -> None:
+    # the measurement made both weights; keep only the one the chosen path reads (a pinned path keeps both)
+    if _forced is not None:
+        return
+    choice = _choices.get(key)
+    if choice == "packed" and packed.planar_entry is not None:
+        packed.planar_entry = None
+    elif choice == "planar" and packed.entry is not None:
+        packed.entry = None

@@ -32,4 +32,4 @@ class Conv2d(nn.Conv2d):
         if packed is None:
             packed = self._torchfast_packed = _onednn.PackedWeight()
         return _onednn.conv2d_relu(input, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                                   self.groups, False, packed)
+                                   self.groups, False, packed, choose=True)

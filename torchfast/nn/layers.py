@@ -271,12 +271,12 @@ def conv_bn_relu(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[T
     relu = residual is not None or type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm)
     if _onednn.usable(x, weight, conv.padding):
         if residual is None:
-            return _onednn.conv2d_relu(x, weight, bias, *args, relu, folded.packed)
+            return _onednn.conv2d_relu(x, weight, bias, *args, relu, folded.packed, choose=True)
         if residual.shape == (x.size(0), weight.size(0)) + residual.shape[2:] and residual.dtype == x.dtype:
             out_layout_ok = residual.is_contiguous(memory_format=torch.channels_last) if _is_channels_last(x) \
                 else residual.is_contiguous()
             if out_layout_ok:
-                return _onednn.conv2d_add_relu(x, residual, weight, bias, *args, folded.packed)
+                return _onednn.conv2d_add_relu(x, residual, weight, bias, *args, folded.packed, choose=True)
     out = torch.nn.functional.conv2d(x, weight, bias, *args)
     if residual is None:
         return out.relu_() if relu else out
