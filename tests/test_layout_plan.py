@@ -11,6 +11,7 @@ from torch import nn
 import torchfast
 from torchfast import layout_plan
 from torchfast.nn import _onednn
+from torchfast.reference.pool import is_channels_last
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -211,10 +212,6 @@ def _channels_last(*shape):
     return torch.randn(*shape).contiguous(memory_format=torch.channels_last)
 
 
-def _is_channels_last(t):
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-
-
 @pytest.mark.skipif(not _onednn.CAN_PACK, reason="this torch has no mkldnn._reorder_convolution_weight")
 @pytest.mark.parametrize("path", ["packed", "planar"])
 def test_both_paths_match_torch_and_keep_channels_last(path, monkeypatch):
@@ -227,11 +224,11 @@ def test_both_paths_match_torch_and_keep_channels_last(path, monkeypatch):
         for relu in (False, True):
             got = _onednn.conv2d_relu(x, w, b, *args, relu, cache, choose=True)
             torch.testing.assert_close(got, plain.relu() if relu else plain, rtol=1e-5, atol=1e-5)
-            assert _is_channels_last(got)
+            assert is_channels_last(got)
         residual = _channels_last(*plain.shape)
         got = _onednn.conv2d_add_relu(x, residual, w, b, *args, cache, choose=True)
         torch.testing.assert_close(got, (plain + residual).relu(), rtol=1e-5, atol=1e-5)
-        assert _is_channels_last(got)
+        assert is_channels_last(got)
 
 
 @pytest.mark.skipif(not _onednn.CAN_PACK, reason="this torch has no mkldnn._reorder_convolution_weight")

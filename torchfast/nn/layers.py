@@ -13,6 +13,7 @@ from torchfast.nn import _onednn
 from torchfast.nn.functional import batch_norm_add_relu
 from torchfast.sharded.dtensor import version_counters_track_contents
 from torchfast.ops._registry import exporting
+from torchfast.reference.pool import is_channels_last
 
 __all__ = ["BatchNormReLU2d", "BatchNormAddReLU2d", "ConvBNReLU2d", "FoldedConvBN", "ResidualBlock",
            "SyncBatchNormAddReLU2d", "SyncBatchNormReLU2d", "add_relu", "can_fold", "conv_bn_relu", "convert_sync_batchnorm",
@@ -115,7 +116,7 @@ class ConvBNReLU2d(nn.Sequential):
         if input.dim() != 4:  # what bn would say about the convolution's output
             raise ValueError(f"torchfast.nn.ConvBNReLU2d: expected 4D input (got {input.dim()}D input)")
         if conv.padding_mode == "zeros" and can_fold(self, (bn,), input):
-            weight, bias = self._folded.get(conv, bn, _is_channels_last(input))
+            weight, bias = self._folded.get(conv, bn, is_channels_last(input))
             if _onednn.usable(input, weight, conv.padding):  # the ReLU as the convolution's post-op
                 return _onednn.conv2d_relu(input, weight, bias, conv.stride, conv.padding, conv.dilation,
                                            conv.groups, self.relu, self._folded.packed)
@@ -266,14 +267,14 @@ def conv_bn_relu(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[T
     folded = bn.__dict__.get("_torchfast_folded")
     if folded is None:
         folded = bn.__dict__["_torchfast_folded"] = FoldedConvBN()  # not state: rebuilt when the tensors change
-    weight, bias = folded.get(conv, bn, _is_channels_last(x))
+    weight, bias = folded.get(conv, bn, is_channels_last(x))
     args = (conv.stride, conv.padding, conv.dilation, conv.groups)
     relu = residual is not None or type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm)
     if _onednn.usable(x, weight, conv.padding):
         if residual is None:
             return _onednn.conv2d_relu(x, weight, bias, *args, relu, folded.packed, choose=True)
         if residual.shape == (x.size(0), weight.size(0)) + residual.shape[2:] and residual.dtype == x.dtype:
-            out_layout_ok = residual.is_contiguous(memory_format=torch.channels_last) if _is_channels_last(x) \
+            out_layout_ok = residual.is_contiguous(memory_format=torch.channels_last) if is_channels_last(x) \
                 else residual.is_contiguous()
             if out_layout_ok:
                 return _onednn.conv2d_add_relu(x, residual, weight, bias, *args, folded.packed, choose=True)
@@ -281,10 +282,6 @@ def conv_bn_relu(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[T
     if residual is None:
         return out.relu_() if relu else out
     return add_relu(out, residual)
-
-
-def _is_channels_last(x: Tensor) -> bool:
-    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def _train_channels_last(x: Tensor) -> bool:
@@ -354,7 +351,7 @@ class ResidualBlock(nn.Module):
     def _inference(self, x: Tensor) -> Tensor:
         # The convolutions follow the input's layout: converting a contiguous input costs about what
         # channels_last convolutions save (measured: benchmarks/RESULTS.md).
-        cl = _is_channels_last(x)
+        cl = is_channels_last(x)
         w1, b1 = self._folded[0].get(self.conv1, self.bn1, cl)
         w2, b2 = self._folded[1].get(self.conv2, self.bn2, cl)
         if _onednn.usable(x, w1, (1, 1)):  # ReLU, and add + ReLU, as the convolutions' post-ops
