@@ -1,11 +1,17 @@
-"""Whole model: the cheat sheet's ComplexNetwork in plain torch vs torchfast's (batch 32, 3x32x32),
-inference (eval, no_grad) and a train step with AdamW.
+"""Whole models: the cheat sheet's ComplexNetwork in plain torch vs torchfast's (batch 32, 3x32x32),
+inference (eval, no_grad; plain with an NCHW and a channels_last input, torchfast, onnxruntime fp32 of
+torchfast's export) and a train step with AdamW (fp32 and under bf16 autocast); and the models we did
+not write (torchvision ResNet-18, timm ViT-tiny; batch 16, 3x64x64) as eager vs torchfast.convert.
 
     pytest benchmarks/bench_models.py --benchmark-only
 
-`torchfast bench --suites models [--job-runs 3]` prints the interleaved comparison with the
+`torchfast bench --suites models [--job-runs 3]` prints the same comparisons interleaved, with the
 profiles' top ops (and the main job's wall time against `torchfast train --eager`).
 """
+import contextlib
+import os
+import tempfile
+
 import pytest
 import torch
 from torch import nn
@@ -14,32 +20,88 @@ import torchfast
 from torchfast.bench import models as bm
 
 
-@pytest.mark.parametrize("impl", ["plain", "torchfast"])
-def test_complexnet_inference(benchmark, impl, device):
+def _cpu_only(device):
     if device != "cpu":
         pytest.skip("the layout plan measured here is the CPU's")
+
+
+def _onnxruntime_model(fast, x):
+    try:
+        from torchfast.deploy import OrtModule, export_onnx
+        path = os.path.join(tempfile.mkdtemp(prefix="torchfast-bench-models-"), "complexnet.onnx")
+        return OrtModule(export_onnx(fast, x[:2], path).path)
+    except ImportError as e:
+        pytest.skip(f"onnxruntime export needs the onnx extra: {e}")
+
+
+@pytest.mark.parametrize("impl", ["plain", "plain, channels_last input", "torchfast", "onnxruntime fp32"])
+def test_complexnet_inference(benchmark, impl, device):
+    _cpu_only(device)
     base, fast = bm._pair()
-    model = (fast if impl == "torchfast" else base).eval()
+    base.eval(), fast.eval()
     x = torch.randn(32, 3, 32, 32)
+    model = base
+    if impl == "plain, channels_last input":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif impl == "torchfast":
+        model = fast
+    elif impl == "onnxruntime fp32":
+        model = _onnxruntime_model(fast, x)
     benchmark.group = "ComplexNetwork inference batch 32"
     with torch.no_grad():
         benchmark.pedantic(model, args=(x,), rounds=10, iterations=1, warmup_rounds=2)
 
 
-@pytest.mark.parametrize("impl", ["plain", "torchfast"])
-def test_complexnet_train_step(benchmark, impl, device):
-    if device != "cpu":
-        pytest.skip("the layout plan measured here is the CPU's")
-    base, fast = bm._pair()
-    model = fast if impl == "torchfast" else base
-    opt = torchfast.optim.AdamW(model.parameters()) if impl == "torchfast" else \
-        torch.optim.AdamW(model.parameters(), fused=True)
-    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
-
+def _train_step(model, opt, x, y, amp=False):
     def step():
         opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext():
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
         opt.step()
+    return step
 
-    benchmark.group = "ComplexNetwork train step batch 32"
-    benchmark.pedantic(step, rounds=8, iterations=1, warmup_rounds=2)
+
+def _adamw(model, fast):
+    return torchfast.optim.AdamW(model.parameters(), lr=1e-4) if fast else \
+        torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("impl", ["plain", "torchfast"])
+def test_complexnet_train_step(benchmark, impl, amp, device):
+    _cpu_only(device)
+    base, fast = bm._pair()
+    model = fast if impl == "torchfast" else base
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    benchmark.group = "ComplexNetwork train step batch 32" + (", bf16 autocast" if amp else "")
+    benchmark.pedantic(_train_step(model, _adamw(model, impl == "torchfast"), x, y, amp),
+                       rounds=8, iterations=1, warmup_rounds=2)
+
+
+def _zoo(name, impl):
+    torch.manual_seed(0)
+    model = bm.zoo_model(name, 64)
+    return torchfast.convert(model) if impl == "torchfast.convert" else model
+
+
+@pytest.mark.parametrize("impl", ["eager", "torchfast.convert"])
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny"])
+def test_zoo_train_step(benchmark, name, impl, device):
+    _cpu_only(device)
+    model = _zoo(name, impl).train()
+    x, y = torch.randn(16, 3, 64, 64), torch.randint(0, 10, (16,))
+    benchmark.group = f"{name} train step, batch 16, 3x64x64"
+    benchmark.pedantic(_train_step(model, _adamw(model, impl != "eager"), x, y), rounds=5, iterations=1,
+                       warmup_rounds=1)
+
+
+@pytest.mark.parametrize("impl", ["eager", "torchfast.convert"])
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny"])
+def test_zoo_inference(benchmark, name, impl, device):
+    _cpu_only(device)
+    model = _zoo(name, impl).eval()
+    x = torch.randn(16, 3, 64, 64)
+    benchmark.group = f"{name} inference, batch 16, 3x64x64"
+    with torch.no_grad():
+        benchmark.pedantic(model, args=(x,), rounds=10, iterations=1, warmup_rounds=2)

@@ -151,3 +151,95 @@ def test_forward_mode_ad_takes_the_plain_ops():
     want = torch.func.jvp(lambda a: pool(F.relu(conv(a))), (x,), (t,))
     for a, b in zip(got, want):
         _close(a, b, rtol=1e-4, atol=1e-4)
+
+
+# -- the fused paths at their real sizes, and the drop-in under DDP, autocast and torch.compile ---------
+
+def _grads_close(fast, base, rel=1e-5):
+    """Each gradient within `rel` of its own largest magnitude, or of the largest of all where its own is
+    ~0 (a convolution bias before a batch norm: its true gradient is zero, both give rounding noise):
+    the fp32 summation order differs."""
+    top = max(float(q.grad.abs().max()) for q in base.parameters())
+    for (name, p), q in zip(fast.named_parameters(), base.parameters()):
+        own = float(q.grad.abs().max())
+        scale = own if own > 1e-3 * top else top
+        _close(p.grad, q.grad, rtol=rel, atol=rel * scale, msg=name)
+
+
+def _big_input(batch=8):
+    # every layer's input above the oneDNN post-op threshold (_onednn.MIN_NUMEL), the stem's included
+    return torch.randn(batch, 3, 32, 32)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_fused_stem_and_layers_match_the_plain_network_at_real_sizes(mode):
+    from torchfast.nn import _onednn
+    fast, base = _pair()
+    fast.train(mode == "train"), base.train(mode == "train")
+    x = _big_input()
+    assert x.numel() >= _onednn.MIN_NUMEL
+    y = torch.randint(0, 10, (x.size(0),))
+    out_f, out_b = fast(x), base(x)
+    _close(out_f, out_b)
+    F.cross_entropy(out_f, y).backward()
+    F.cross_entropy(out_b, y).backward()
+    _grads_close(fast, base)
+    for (name, b1), b2 in zip(fast.named_buffers(), base.buffers()):
+        _close(b1, b2, msg=name)
+
+
+def test_training_converts_no_feature_map_between_layers():
+    """Training (forward and backward): no copy of an activation-sized tensor other than the input's
+    one conversion to channels_last."""
+    fast, _ = _pair()
+    fast.train()
+    x = _big_input()
+    fast(x).sum().backward()
+    with torch.profiler.profile(record_shapes=True) as prof:
+        fast(x).sum().backward()
+    copies = [tuple(e.input_shapes[0]) for e in prof.events() if e.name == "aten::copy_" and e.input_shapes]
+    n = x.size(0)  # the feature maps (the attention's (n, tokens, heads, head dim) head merge is not one)
+    maps = [s for s in copies if s in {(n, 64, 32, 32), (n, 64, 16, 16), (n, 128, 16, 16), (n, 128, 8, 8)}]
+    assert maps == [], copies
+    assert copies.count(tuple(x.shape)) == 1, copies  # the input, once
+
+
+def test_ddp_matches_the_plain_network(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        fast, base = _pair()
+        fast_ddp, base_ddp = DDP(fast), DDP(base)
+        x, y = _big_input(), torch.randint(0, 10, (8,))
+        for _ in range(2):
+            out_f, out_b = fast_ddp(x), base_ddp(x)
+            _close(out_f, out_b)
+            F.cross_entropy(out_f, y).backward()
+            F.cross_entropy(out_b, y).backward()
+        _grads_close(fast, base)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bf16_autocast_training_matches_the_plain_network():
+    fast, base = _pair()
+    x, y = _big_input(), torch.randint(0, 10, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_f, out_b = fast(x), base(x)
+        assert out_f.dtype == out_b.dtype
+        loss_f, loss_b = F.cross_entropy(out_f, y), F.cross_entropy(out_b, y)
+    _close(out_f.float(), out_b.float(), rtol=5e-2, atol=5e-2)
+    loss_f.backward()
+    loss_b.backward()
+    _grads_close(fast, base, rel=5e-2)
+
+
+def test_compiled_training_matches_the_plain_network():
+    fast, base = _pair()
+    x, y = _big_input(), torch.randint(0, 10, (8,))
+    out_f, out_b = torch.compile(fast)(x), base(x)
+    _close(out_f, out_b, rtol=1e-4, atol=1e-4)
+    F.cross_entropy(out_f, y).backward()
+    F.cross_entropy(out_b, y).backward()
+    _grads_close(fast, base, rel=1e-4)
