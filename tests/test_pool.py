@@ -237,7 +237,8 @@ def test_fused_conv_relu_pool_matches_plain_modules(pool, layout):
     require_kernel("relu_max_pool2d", "cpu")
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), pool)
-    x = torch.randn(4, 3, 32, 32)
+    x = torch.randn(6, 3, 32, 32)
+    assert fusion._fusable(plain[0], x)  # above oneDNN's post-op threshold: the fused path, not the fallback
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
