@@ -33,8 +33,9 @@ echo "== CUDA attention (bf16, D=64 and 128; GFLOP/s beside torch SDPA), tensor-
   --suites attention --attn-head-dims 64 128 --json "$OUT/bench_attention.json") | tee "$OUT/bench_attention.md" \
   || echo "ATTENTION BENCH FAILED"
 echo "== CUDA benchmarks (batch norm: bf16 channels_last (128, 64, 56, 56); optimizers; clipping)"
+# --report: RESULTS.md with a "GPU figures" section and the plots, ready for benchmarks/report-gpu/
 (cd / && timeout 90 torchfast bench --device cuda --rounds 20 --suites norm optim clip --no-compile \
-  --json "$OUT/bench_cuda.json") | tee "$OUT/bench_cuda.md" || echo "CUDA BENCH FAILED"
+  --json "$OUT/bench_cuda.json" --report "$OUT/report-gpu") | tee "$OUT/bench_cuda.md" || echo "CUDA BENCH FAILED"
 echo "== attention at L=4096 with the default (scalar) backward, for comparison"
 (cd / && timeout 40 torchfast bench --device cuda --rounds 6 --suites attention \
   --attn-lengths 4096 --attn-memory-lengths 4096) | tee "$OUT/bench_attention_scalar_bwd.md" || true

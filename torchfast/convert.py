@@ -88,6 +88,38 @@ def _chains(m: nn.Module) -> bool:
     return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
 
 
+# Activations and norms next to a convolution or a batch norm that torchfast has no fused form of: the
+# report names each such pair as a candidate left alone.
+_UNFUSED_ACTIVATIONS = (nn.ReLU6, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.Hardswish, nn.Hardtanh, nn.ELU, nn.Mish,
+                        nn.Sigmoid, nn.Tanh, nn.PReLU, nn.SELU, nn.CELU)
+_UNFUSED_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d, nn.LocalResponseNorm)
+
+
+def _unfused_pair(first: nn.Module, then: nn.Module) -> Optional[str]:
+    """Why torchfast leaves `first` -> `then` alone, for the pairs it does not fuse; None for others."""
+    if isinstance(first, nn.BatchNorm2d) and isinstance(then, _UNFUSED_ACTIVATIONS):
+        return f"BatchNorm2d -> {type(then).__name__}: torchfast fuses a batch norm with ReLU only"
+    if isinstance(first, nn.Conv2d) and isinstance(then, _UNFUSED_NORMS):
+        return f"Conv2d -> {type(then).__name__}: torchfast folds and fuses BatchNorm2d only"
+    return None
+
+
+def _bn_relu_blocker(bn: nn.Module, relu: nn.Module, counts: Optional[dict] = None) -> Optional[str]:
+    if not _plain_bn(bn):
+        return f"{type(bn).__name__} is not a plain nn.BatchNorm2d"
+    if _has_hooks(bn) or _has_hooks(relu):
+        return "hooks on the batch norm or the ReLU"
+    if counts is not None and (counts.get(id(bn)) != 1 or counts.get(id(relu)) != 1):
+        return "the batch norm or the ReLU is shared with another part of the model"
+    return None
+
+
+def _swap_bn_relu(owner: nn.Module, bn: nn.Module, relu_name: str) -> None:
+    parent_path, _, name = relu_name.rpartition(".")
+    bn.__class__ = fused.BatchNormReLU2d
+    absorb_relu(bn, owner.get_submodule(parent_path) if parent_path else owner, name)
+
+
 def _convert_sequential(model: nn.Module, report: ConversionReport) -> None:
     for path, seq in list(model.named_modules()):
         if not _chains(seq) or type(seq) in (fused.ConvBNReLU2d,):
@@ -95,17 +127,67 @@ def _convert_sequential(model: nn.Module, report: ConversionReport) -> None:
         names = list(seq._modules)
         for a, b in zip(names, names[1:]):
             bn, relu = seq._modules[a], seq._modules[b]
+            where = _join(path, a)
+            unfused = _unfused_pair(bn, relu)
+            if unfused is not None:
+                report.skipped.append((where, unfused))
             if not (isinstance(bn, nn.BatchNorm2d) and type(relu) is nn.ReLU):
                 continue
-            where = _join(path, a)
-            if not _plain_bn(bn):
-                report.skipped.append((where, f"{type(bn).__name__} is not a plain nn.BatchNorm2d"))
-            elif _has_hooks(bn) or _has_hooks(relu):
-                report.skipped.append((where, "hooks on the batch norm or the ReLU"))
+            why = _bn_relu_blocker(bn, relu)
+            if why is not None:
+                report.skipped.append((where, why))
             else:
-                bn.__class__ = fused.BatchNormReLU2d
-                absorb_relu(bn, seq, b)
+                _swap_bn_relu(seq, bn, b)
                 report.swaps.append((where, f"BatchNorm2d + ReLU ({_join(path, b)}) -> BatchNormReLU2d"))
+
+
+# -- BatchNorm2d -> ReLU module calls in a forward no block rewrite took (a model's own forward) ------
+
+def _traced_module_pairs(owner: nn.Module) -> list:
+    """(first target, then target, called once each) for each module call in owner's own forward whose
+    output only one other module call reads, as its single argument."""
+    graph = layout_plan.graph_of(owner)
+    if graph is None:
+        return []
+    calls: dict = {}
+    for n in graph.nodes:
+        if n.op == "call_module":
+            calls[n.target] = calls.get(n.target, 0) + 1
+    pairs = []
+    for first in graph.nodes:
+        if first.op != "call_module" or len(first.users) != 1:
+            continue
+        then = next(iter(first.users))
+        if then.op == "call_module" and then.args == (first,) and not then.kwargs:
+            pairs.append((first.target, then.target, calls[first.target] == 1 and calls[then.target] == 1))
+    return pairs
+
+
+def _convert_traced_bn_relu(model: nn.Module, report: ConversionReport) -> None:
+    """Each BatchNorm2d module call whose output only an nn.ReLU module call reads, in the forward of a
+    module that is neither torch's own, a chaining nn.Sequential nor a block convert rewrote (the model's
+    own forward, say): the same swap as in an nn.Sequential (the layers stay where they are, so the
+    module tree and the state_dict do not change)."""
+    counts = _use_counts(model)
+    for path, owner in list(model.named_modules()):
+        if _chains(owner) or type(owner).__module__.startswith("torch.") or \
+                isinstance(owner, torch.fx.GraphModule) or not any(_plain_bn(m) for m in owner.modules()):
+            continue
+        for first_name, then_name, once in _traced_module_pairs(owner):
+            first, then = owner.get_submodule(first_name), owner.get_submodule(then_name)
+            where = _join(path, first_name)
+            unfused = _unfused_pair(first, then)
+            if unfused is not None:
+                report.skipped.append((where, unfused))
+            if not (isinstance(first, nn.BatchNorm2d) and type(then) is nn.ReLU):
+                continue
+            why = _bn_relu_blocker(first, then, counts) or (None if once else "called more than once")
+            if why is not None:
+                report.skipped.append((where, f"BatchNorm2d -> ReLU: {why}"))
+                continue
+            _swap_bn_relu(owner, first, then_name)
+            report.swaps.append((where, f"BatchNorm2d + ReLU ({_join(path, then_name)}) -> BatchNormReLU2d "
+                                        "(the ReLU becomes torchfast.nn.AbsorbedReLU, an identity)"))
 
 
 # -- nn.ReLU -> nn.MaxPool2d: a network's stem (torchvision's ResNet), VGG-style features -------------
@@ -395,6 +477,7 @@ def convert(model: nn.Module, *, inplace: bool = False, optimizer: Optional[torc
     _convert_blocks(out, rep)
     _convert_relu_pool(out, rep)  # (before BatchNorm2d -> ReLU: a pool after the ReLU pays more)
     _convert_sequential(out, rep)
+    _convert_traced_bn_relu(out, rep)
     _route_sdpa_calls(out, rep)
     if any(what.endswith(_FOLDED) for _, what in rep.swaps):  # (the plan pays where convolutions fold)
         _convert_convolutions(out, rep)  # a convolutional network's inference: its other convolutions too
