@@ -441,10 +441,13 @@ def test_the_models_own_forward_is_converted_and_the_rest_reported():
 
 def test_left_alone_pairs_are_reported_with_why():
     seq = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 8, 3), nn.InstanceNorm2d(8))
-    rep = torchfast.convert(seq).torchfast_conversion
-    assert not rep.swaps
-    assert dict(rep.skipped) == {"1": "BatchNorm2d -> ReLU6: torchfast fuses a batch norm with ReLU only",
-                                 "3": "Conv2d -> InstanceNorm2d: torchfast folds and fuses BatchNorm2d only"}
+    fast = torchfast.convert(seq)
+    rep = fast.torchfast_conversion
+    assert type(fast) is torchfast.nn.FusedSequential and type(fast[2]) is nn.ReLU6  # conv + BN fold; ReLU6 stays
+    assert ("0", "0 + 1: the batch norm folded into the convolution in inference") in rep.swaps
+    skipped = dict(rep.skipped)
+    assert skipped["1"] == "BatchNorm2d -> ReLU6: torchfast fuses a batch norm with ReLU only"
+    assert skipped["3"] == "Conv2d -> InstanceNorm2d: torchfast folds and fuses BatchNorm2d only"
     assert "left alone: BatchNorm2d -> ReLU6" in str(rep)
 
 
@@ -477,3 +480,31 @@ def test_converted_resnet_trains_under_ddp_and_compiled_like_the_original(tmp_pa
     nn.functional.cross_entropy(model(x), y).backward()
     for (name, p), q in zip(model.named_parameters(), converted.parameters()):
         assert _rel_err(q.grad, p.grad, floor=top) < 1e-4, name
+
+
+def test_sequential_conv_bn_pairs_fold_in_inference():
+    import io
+    from torchfast.deploy import to_plain
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.BatchNorm2d(16), nn.MaxPool2d(2),
+                        nn.Conv2d(16, 8, 1))
+    fast = torchfast.convert(net)
+    assert type(fast) is torchfast.nn.FusedSequential and isinstance(fast, nn.Sequential)
+    assert type(fast[0]) is nn.Conv2d and type(fast[3]) is nn.Conv2d  # handed to conv_bn_relu, not swapped
+    x = torch.randn(8, 3, 32, 32)
+    _check_equivalent(net, fast, x)
+    with torch.no_grad():
+        fast(x)
+    assert "_torchfast_folded" in fast[1].__dict__ and "_torchfast_folded" in fast[4].__dict__  # folded
+    buf = io.BytesIO()
+    torch.save(fast, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    gm = torch.fx.symbolic_trace(fast)  # the fused layers recorded as calls of themselves
+    with torch.no_grad():
+        for m in (loaded, gm, to_plain(fast), to_plain(fast, fold_bn=True)):
+            assert _rel_err(m(x), net(x)) < 1e-5
+        fast[0].register_forward_hook(lambda m, a, out: out * 2)  # a hook added later: the plain calls run it
+        assert _rel_err(fast(x), fast[1:](fast[0](x))) < 1e-6
+    assert type(to_plain(fast)) is nn.Sequential

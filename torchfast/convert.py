@@ -39,6 +39,7 @@ from torchfast.nn import layers as fused
 from torchfast.nn.absorbed import absorb_relu
 from torchfast.nn.conv import Conv2d as PackedConv2d
 from torchfast.nn.pooling import ReLUMaxPool2d, pool_window
+from torchfast.nn.sequential import FusedSequential, fold_pairs
 from torchfast.ops._registry import exporting
 
 __all__ = ["ConversionReport", "convert", "enable"]
@@ -121,6 +122,7 @@ def _swap_bn_relu(owner: nn.Module, bn: nn.Module, relu_name: str) -> None:
 
 
 def _convert_sequential(model: nn.Module, report: ConversionReport) -> None:
+    counts = _use_counts(model)
     for path, seq in list(model.named_modules()):
         if not _chains(seq) or type(seq) in (fused.ConvBNReLU2d,):
             continue
@@ -139,6 +141,22 @@ def _convert_sequential(model: nn.Module, report: ConversionReport) -> None:
             else:
                 _swap_bn_relu(seq, bn, b)
                 report.swaps.append((where, f"BatchNorm2d + ReLU ({_join(path, b)}) -> BatchNormReLU2d"))
+        _fold_sequential(path, seq, counts, report)
+
+
+def _fold_sequential(path: str, seq: nn.Sequential, counts: dict, report: ConversionReport) -> None:
+    """A Sequential with Conv2d -> batch norm pairs -> FusedSequential (same children and state_dict),
+    which folds each pair in inference; left alone if a pair has hooks or is shared."""
+    pairs = fold_pairs(seq)
+    if not pairs:
+        return
+    for conv_name, bn_name in pairs:
+        conv, bn = seq._modules[conv_name], seq._modules[bn_name]
+        if _has_hooks(conv) or _has_hooks(bn) or counts.get(id(conv)) != 1 or counts.get(id(bn)) != 1:
+            report.skipped.append((_join(path, conv_name), "Conv2d -> BatchNorm2d: hooks on either, or shared"))
+            return
+    seq.__class__ = FusedSequential
+    report.swaps += [(_join(path, c), f"{_join(path, c)} + {_join(path, b)}: {_FOLDED}") for c, b in pairs]
 
 
 # -- BatchNorm2d -> ReLU module calls in a forward no block rewrite took (a model's own forward) ------
@@ -416,10 +434,12 @@ def _convert_blocks(model: nn.Module, report: ConversionReport) -> None:
 # -- the other convolutions ---------------------------------------------------------------------------
 
 def _folded_convolutions(model: nn.Module) -> set:
-    """ids of the convolutions a rewritten block hands to conv_bn_relu (folded into their batch norm
-    in inference, where conv_bn_relu packs the folded weight itself)."""
+    """ids of the convolutions a rewritten block or a FusedSequential hands to conv_bn_relu (folded into
+    their batch norm in inference, where conv_bn_relu packs the folded weight itself)."""
     ids = set()
     for gm in model.modules():
+        if type(gm) is FusedSequential:
+            ids.update(id(gm._modules[conv]) for conv, _ in fold_pairs(gm))
         if isinstance(gm, torch.fx.GraphModule):
             for node in gm.graph.nodes:
                 if node.op == "call_function" and node.target is fused.conv_bn_relu:

@@ -32,6 +32,7 @@ from torchfast.nn import layers as fused
 from torchfast.nn.absorbed import AbsorbedReLU
 from torchfast.nn.conv import Conv2d as PackedConv2d
 from torchfast.nn.pooling import ReLUMaxPool2d
+from torchfast.nn.sequential import FusedSequential
 from torchfast.ops._registry import exporting
 
 __all__ = ["graph_of", "install", "layout_safe"]
@@ -90,7 +91,7 @@ def layout_safe(module: nn.Module, _seen: Optional[dict] = None) -> bool:
     seen[id(module)] = False  # a module that reaches itself is not proven
     if type(module) in _SAFE_MODULES:
         ok = True
-    elif type(module) is nn.Sequential:
+    elif type(module) in (nn.Sequential, FusedSequential):
         ok = all(layout_safe(m, seen) for m in module)
     elif type(module).__module__.startswith("torch.") and not isinstance(module, torch.fx.GraphModule):
         ok = False  # torch's other layers: not vetted

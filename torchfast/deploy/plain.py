@@ -14,6 +14,7 @@ from torchfast.nn import layers as fused
 from torchfast.nn.absorbed import AbsorbedReLU, absorbed_relu, release_relu
 from torchfast.nn.conv import Conv2d as PackedConv2d
 from torchfast.nn.pooling import ReLUMaxPool2d
+from torchfast.nn.sequential import FusedSequential, fold_pairs
 from torchfast.reference import modules as reference
 
 
@@ -93,6 +94,7 @@ _PLAIN_CLASS = {
     fused.BatchNormAddReLU2d: PlainBatchNormAddReLU2d,
     fused_attention.MultiheadAttention: PlainMultiheadAttention,
     PackedConv2d: nn.Conv2d,  # (what torchfast.convert leaves of a plain convolution)
+    FusedSequential: nn.Sequential,
     ReLUMaxPool2d: PlainReLUMaxPool2d,
 }
 
@@ -124,6 +126,7 @@ def to_plain(model: nn.Module, *, fold_bn: bool = False, inplace: bool = False) 
                          "call model.eval() first")
     _restore_absorbed_relus(out)
     for module in out.modules():
+        sequential_pairs = fold_pairs(module) if type(module) is FusedSequential else None
         plain_cls = _PLAIN_CLASS.get(type(module))
         if plain_cls is None and type(module) is nn.MultiheadAttention:
             plain_cls = PlainMultiheadAttention
@@ -134,7 +137,8 @@ def to_plain(model: nn.Module, *, fold_bn: bool = False, inplace: bool = False) 
             if plain_cls is PlainMultiheadAttention:
                 module.make_linears()
         if fold_bn:
-            for conv_name, bn_name in _CONV_BN_PAIRS.get(type(module), ()):
+            pairs = sequential_pairs if sequential_pairs is not None else _CONV_BN_PAIRS.get(type(module), ())
+            for conv_name, bn_name in pairs:
                 conv, bn = getattr(module, conv_name), getattr(module, bn_name)
                 if isinstance(conv, nn.Conv2d) and type(bn) is nn.BatchNorm2d and bn.track_running_stats:
                     setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))

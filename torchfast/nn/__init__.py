@@ -6,7 +6,9 @@ from torchfast.nn.conv import Conv2d
 from torchfast.nn.layers import (BatchNormAddReLU2d, BatchNormReLU2d, ConvBNReLU2d, ResidualBlock,
                                  SyncBatchNormAddReLU2d, SyncBatchNormReLU2d, convert_sync_batchnorm)
 from torchfast.nn.pooling import ReLUMaxPool2d
+from torchfast.nn.sequential import FusedSequential
 
-__all__ = ["AbsorbedReLU", "BatchNormAddReLU2d", "BatchNormReLU2d", "Conv2d", "ConvBNReLU2d", "MultiheadAttention",
+__all__ = ["AbsorbedReLU", "BatchNormAddReLU2d", "BatchNormReLU2d", "Conv2d", "ConvBNReLU2d", "FusedSequential",
+           "MultiheadAttention",
            "ReLUMaxPool2d", "ResidualBlock", "SyncBatchNormAddReLU2d", "SyncBatchNormReLU2d",
            "convert_sync_batchnorm", "functional", "utils"]

@@ -35,10 +35,19 @@ def fused_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: Tensor, residual: O
                                bn.weight, bn.bias, residual, use_batch_stats, factor, bn.eps, relu)
 
 
+def _traced_call(module: nn.Module, *args):
+    """Under torch.fx tracing: one call of `module` recorded (a leaf, as torch's own layers are),
+    instead of tracing into the fused layer's bookkeeping."""
+    tracer = args[0].tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
+
+
 class BatchNormReLU2d(nn.BatchNorm2d):
     """nn.BatchNorm2d followed by ReLU (same arguments and state_dict as nn.BatchNorm2d)."""
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return _traced_call(self, input)
         return fused_batch_norm(self, input, None, relu=True)
 
 
@@ -46,6 +55,8 @@ class BatchNormAddReLU2d(nn.BatchNorm2d):
     """relu(nn.BatchNorm2d(x) + residual): forward(x, residual) (state_dict of nn.BatchNorm2d)."""
 
     def forward(self, input: Tensor, residual: Tensor) -> Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return _traced_call(self, input, residual)
         return fused_batch_norm(self, input, residual, relu=True)
 
 
