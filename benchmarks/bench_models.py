@@ -1,7 +1,8 @@
 """Whole models: the cheat sheet's ComplexNetwork in plain torch vs torchfast's (batch 32, 3x32x32),
 inference (eval, no_grad; plain with an NCHW and a channels_last input, torchfast, onnxruntime fp32 of
 torchfast's export) and a train step with AdamW (fp32 and under bf16 autocast); and the models we did
-not write (torchvision ResNet-18, timm ViT-tiny; batch 16, 3x64x64) as eager vs torchfast.convert.
+not write (torchvision ResNet-18 and ResNet-50, timm ViT-tiny; batch 16, 3x64x64) as eager, channels_last
+eager, torch.compile of the original and torchfast.convert.
 
     pytest benchmarks/bench_models.py --benchmark-only
 
@@ -79,29 +80,39 @@ def test_complexnet_train_step(benchmark, impl, amp, device):
                        rounds=8, iterations=1, warmup_rounds=2)
 
 
+ZOO_IMPLS = ["eager", "eager, channels_last", "torch.compile", "torchfast.convert"]
+
+
 def _zoo(name, impl):
+    """(model, input layout) for one of ZOO_IMPLS."""
     torch.manual_seed(0)
     model = bm.zoo_model(name, 64)
-    return torchfast.convert(model) if impl == "torchfast.convert" else model
+    if impl == "torchfast.convert":
+        return torchfast.convert(model), torch.contiguous_format
+    if impl == "eager, channels_last":
+        return model.to(memory_format=torch.channels_last), torch.channels_last
+    return (torch.compile(model) if impl == "torch.compile" else model), torch.contiguous_format
 
 
-@pytest.mark.parametrize("impl", ["eager", "torchfast.convert"])
-@pytest.mark.parametrize("name", ["resnet18", "vit_tiny"])
+@pytest.mark.parametrize("impl", ZOO_IMPLS)
+@pytest.mark.parametrize("name", bm.ZOO)
 def test_zoo_train_step(benchmark, name, impl, device):
     _cpu_only(device)
-    model = _zoo(name, impl).train()
-    x, y = torch.randn(16, 3, 64, 64), torch.randint(0, 10, (16,))
+    model, layout = _zoo(name, impl)
+    model.train()
+    x, y = torch.randn(16, 3, 64, 64).contiguous(memory_format=layout), torch.randint(0, 10, (16,))
     benchmark.group = f"{name} train step, batch 16, 3x64x64"
-    benchmark.pedantic(_train_step(model, _adamw(model, impl != "eager"), x, y), rounds=5, iterations=1,
-                       warmup_rounds=1)
+    step = _train_step(model, _adamw(model, impl == "torchfast.convert"), x, y)
+    benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
 
 
-@pytest.mark.parametrize("impl", ["eager", "torchfast.convert"])
-@pytest.mark.parametrize("name", ["resnet18", "vit_tiny"])
+@pytest.mark.parametrize("impl", ZOO_IMPLS)
+@pytest.mark.parametrize("name", bm.ZOO)
 def test_zoo_inference(benchmark, name, impl, device):
     _cpu_only(device)
-    model = _zoo(name, impl).eval()
-    x = torch.randn(16, 3, 64, 64)
+    model, layout = _zoo(name, impl)
+    model.eval()
+    x = torch.randn(16, 3, 64, 64).contiguous(memory_format=layout)
     benchmark.group = f"{name} inference, batch 16, 3x64x64"
     with torch.no_grad():
         benchmark.pedantic(model, args=(x,), rounds=10, iterations=1, warmup_rounds=2)

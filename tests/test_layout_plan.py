@@ -205,7 +205,8 @@ def test_packed_weight_cache_rules():
 # -- the measured choice between the packed and the planar path (converted models' convolutions) ------
 
 _GEOMETRIES = [  # in channels, out channels, kernel, stride, padding, groups, image
-    (8, 16, 3, 1, 1, 1, (9, 7)), (6, 12, 3, 2, 1, 3, (17, 16)), (16, 24, 1, 1, 0, 1, (5, 6)), (3, 8, 7, 2, 3, 1, (33, 31))]
+    (8, 16, 3, 1, 1, 1, (9, 7)), (6, 12, 3, 2, 1, 3, (17, 16)), (16, 24, 1, 1, 0, 1, (5, 6)),
+    (3, 8, 7, 2, 3, 1, (33, 31))]
 
 
 def _channels_last(*shape):

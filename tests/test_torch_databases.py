@@ -109,6 +109,30 @@ def test_batchnorm_relu_on_torchs_batchnorm2d_inputs(training):
     assert checked >= 4
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_batchnorm_add_relu_on_torchs_batchnorm2d_inputs(training):
+    """BatchNormAddReLU2d against relu(nn.BatchNorm2d(x) + residual) on module_db's BatchNorm2d inputs:
+    outputs, gradients (the residual's too), running statistics."""
+    checked = 0
+    for mi in _module_inputs(torch.nn.BatchNorm2d, torch.float64, training):
+        args, kwargs = mi.constructor_input.args, mi.constructor_input.kwargs
+        (x,) = mi.forward_input.args
+        residual = torch.randn(x.shape, dtype=x.dtype).requires_grad_()
+        ref = torch.nn.BatchNorm2d(*args, **kwargs).double().train(training)
+        ours = torchfast.nn.BatchNormAddReLU2d(*args, **kwargs).double().train(training)
+        ours.load_state_dict(ref.state_dict())
+        want, got = torch.relu(ref(x) + residual), ours(x, residual)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+        g = torch.randn_like(want)
+        for a, b in zip(torch.autograd.grad(got, [x, residual, *ours.parameters()], g),
+                        torch.autograd.grad(want, [x, residual, *ref.parameters()], g)):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
+        for a, b in zip(ours.buffers(), ref.buffers()):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        checked += 1
+    assert checked >= 4
+
+
 DROP_INS = {torch.optim.Adam: torchfast.optim.Adam, torch.optim.AdamW: torchfast.optim.AdamW,
             torch.optim.SGD: torchfast.optim.SGD}
 OPTIM_INFOS = [info for info in optim_db if info.optim_cls in DROP_INS]
@@ -197,9 +221,17 @@ def test_conv_bn_relu_on_torchs_conv2d_inputs(training):
         ours = torchfast.nn.ConvBNReLU2d(*args, **kwargs).double()
         ours.load_state_dict(ref.state_dict())
         ours.train(training), ref.train(training)
-        for grad in (True, False):
-            with torch.set_grad_enabled(grad):
-                torch.testing.assert_close(ours(x), ref(x), rtol=1e-9, atol=1e-9)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), ref(x), rtol=1e-9, atol=1e-9)
+        x = x.detach().requires_grad_()
+        want, got = ref(x), ours(x)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+        g = torch.randn_like(want)
+        for a, b in zip(torch.autograd.grad(got, [x, *ours.parameters()], g),
+                        torch.autograd.grad(want, [x, *ref.parameters()], g)):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
+        for a, b in zip(ours.buffers(), ref.buffers()):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
         checked += 1
     assert checked >= 2
 

@@ -4,7 +4,10 @@ provably the same computation, and nothing else changed.
 What it rewrites (state_dict keys and values unchanged; each swap and each candidate left alone is
 reported):
 - nn.MultiheadAttention -> torchfast.nn.MultiheadAttention (same parameters; a subclass);
-- BatchNorm2d followed by ReLU in an nn.Sequential -> BatchNormReLU2d (the ReLU becomes torchfast.nn.AbsorbedReLU, an identity);
+- BatchNorm2d followed by ReLU in an nn.Sequential, or as module calls in any other traced forward (a
+  model's own) -> BatchNormReLU2d (the ReLU becomes torchfast.nn.AbsorbedReLU, an identity);
+- an nn.Sequential with Conv2d -> BatchNorm2d pairs -> torchfast.nn.FusedSequential, which folds each
+  pair in inference;
 - an nn.ReLU whose output only an nn.MaxPool2d reads (in an nn.Sequential, or module calls in a traced
   forward: torchvision ResNet's stem) -> ReLUMaxPool2d (the ReLU becomes torchfast.nn.AbsorbedReLU, an identity);
 - inside a block's traced forward (torch.fx): bn -> ReLU -> BatchNormReLU2d, and
@@ -14,7 +17,8 @@ reported):
   (the weight pre-packed for oneDNN in CPU inference);
 - optimizer=: torch.optim SGD/Adam/AdamW -> torchfast's, with the same param_groups and state.
 A BatchNorm2d that is not a plain nn.BatchNorm2d, that is called more than once, or that has hooks, and
-blocks that do not trace, stay as they were. Modules whose forward calls F.scaled_dot_product_attention
+blocks that do not trace, stay as they were; so do the pairs torchfast has no fused form of (a batch
+norm before ReLU6/SiLU/..., a convolution before GroupNorm/LayerNorm/...), which the report names. Modules whose forward calls F.scaled_dot_product_attention
 (timm's and transformers' attention) get it routed to torchfast's flash kernels by hooks (no forward
 rewritten; not while compiling or exporting, where torch's own SDPA is traced); torchfast.enable() does
 the same for any code run inside it.
