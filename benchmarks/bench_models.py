@@ -94,13 +94,17 @@ def _zoo(name, impl):
     return (torch.compile(model) if impl == "torch.compile" else model), torch.contiguous_format
 
 
+def _zoo_case(name, impl, device, train):
+    _cpu_only(device)
+    model, layout = _zoo(name, impl)
+    return model.train(train), torch.randn(16, 3, 64, 64).contiguous(memory_format=layout)
+
+
 @pytest.mark.parametrize("impl", ZOO_IMPLS)
 @pytest.mark.parametrize("name", bm.ZOO)
 def test_zoo_train_step(benchmark, name, impl, device):
-    _cpu_only(device)
-    model, layout = _zoo(name, impl)
-    model.train()
-    x, y = torch.randn(16, 3, 64, 64).contiguous(memory_format=layout), torch.randint(0, 10, (16,))
+    model, x = _zoo_case(name, impl, device, train=True)
+    y = torch.randint(0, 10, (16,))
     benchmark.group = f"{name} train step, batch 16, 3x64x64"
     step = _train_step(model, _adamw(model, impl == "torchfast.convert"), x, y)
     benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
@@ -109,10 +113,7 @@ def test_zoo_train_step(benchmark, name, impl, device):
 @pytest.mark.parametrize("impl", ZOO_IMPLS)
 @pytest.mark.parametrize("name", bm.ZOO)
 def test_zoo_inference(benchmark, name, impl, device):
-    _cpu_only(device)
-    model, layout = _zoo(name, impl)
-    model.eval()
-    x = torch.randn(16, 3, 64, 64).contiguous(memory_format=layout)
+    model, x = _zoo_case(name, impl, device, train=False)
     benchmark.group = f"{name} inference, batch 16, 3x64x64"
     with torch.no_grad():
         benchmark.pedantic(model, args=(x,), rounds=10, iterations=1, warmup_rounds=2)

@@ -86,6 +86,17 @@ def test_multihead_attention_on_torchs_module_inputs(training):
     assert checked >= 32
 
 
+def _same_outputs_gradients_statistics(got, want, ours, ref, inputs):
+    """fp64: outputs, the gradients of `inputs` and of each module's parameters, the running statistics."""
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, [*inputs, *ours.parameters()], g),
+                    torch.autograd.grad(want, [*inputs, *ref.parameters()], g)):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
+    for a, b in zip(ours.buffers(), ref.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_batchnorm_relu_on_torchs_batchnorm2d_inputs(training):
     """BatchNormReLU2d against relu(nn.BatchNorm2d) on module_db's BatchNorm2d inputs (momentum None,
@@ -98,13 +109,7 @@ def test_batchnorm_relu_on_torchs_batchnorm2d_inputs(training):
         ours = torchfast.nn.BatchNormReLU2d(*args, **kwargs).double().train(training)
         ours.load_state_dict(ref.state_dict())
         want, got = torch.relu(ref(x)), ours(x)
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
-        g = torch.randn_like(want)
-        for a, b in zip(torch.autograd.grad(got, [x, *ours.parameters()], g),
-                        torch.autograd.grad(want, [x, *ref.parameters()], g)):
-            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
-        for a, b in zip(ours.buffers(), ref.buffers()):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        _same_outputs_gradients_statistics(got, want, ours, ref, [x])
         checked += 1
     assert checked >= 4
 
@@ -122,13 +127,7 @@ def test_batchnorm_add_relu_on_torchs_batchnorm2d_inputs(training):
         ours = torchfast.nn.BatchNormAddReLU2d(*args, **kwargs).double().train(training)
         ours.load_state_dict(ref.state_dict())
         want, got = torch.relu(ref(x) + residual), ours(x, residual)
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
-        g = torch.randn_like(want)
-        for a, b in zip(torch.autograd.grad(got, [x, residual, *ours.parameters()], g),
-                        torch.autograd.grad(want, [x, residual, *ref.parameters()], g)):
-            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
-        for a, b in zip(ours.buffers(), ref.buffers()):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        _same_outputs_gradients_statistics(got, want, ours, ref, [x, residual])
         checked += 1
     assert checked >= 4
 
@@ -225,13 +224,7 @@ def test_conv_bn_relu_on_torchs_conv2d_inputs(training):
             torch.testing.assert_close(ours(x), ref(x), rtol=1e-9, atol=1e-9)
         x = x.detach().requires_grad_()
         want, got = ref(x), ours(x)
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
-        g = torch.randn_like(want)
-        for a, b in zip(torch.autograd.grad(got, [x, *ours.parameters()], g),
-                        torch.autograd.grad(want, [x, *ref.parameters()], g)):
-            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
-        for a, b in zip(ours.buffers(), ref.buffers()):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        _same_outputs_gradients_statistics(got, want, ours, ref, [x])
         checked += 1
     assert checked >= 2
 

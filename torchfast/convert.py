@@ -132,20 +132,28 @@ def _convert_sequential(model: nn.Module, report: ConversionReport) -> None:
             continue
         names = list(seq._modules)
         for a, b in zip(names, names[1:]):
-            bn, relu = seq._modules[a], seq._modules[b]
-            where = _join(path, a)
-            unfused = _unfused_pair(bn, relu)
-            if unfused is not None:
-                report.skipped.append((where, unfused))
-            if not (isinstance(bn, nn.BatchNorm2d) and type(relu) is nn.ReLU):
-                continue
-            why = _bn_relu_blocker(bn, relu)
-            if why is not None:
-                report.skipped.append((where, why))
-            else:
-                _swap_bn_relu(seq, bn, b)
-                report.swaps.append((where, f"BatchNorm2d + ReLU ({_join(path, b)}) -> BatchNormReLU2d"))
+            _consider_bn_relu(seq, path, a, b, report)
         _fold_sequential(path, seq, counts, report)
+
+
+def _consider_bn_relu(owner: nn.Module, path: str, first_name: str, then_name: str, report: ConversionReport,
+                      counts: Optional[dict] = None, once: bool = True) -> None:
+    """owner's `first_name` module feeding `then_name` alone: swapped when it is BatchNorm2d -> ReLU and
+    nothing blocks it; reported when it is a pair torchfast has no fused form of, or is blocked."""
+    first, then = owner.get_submodule(first_name), owner.get_submodule(then_name)
+    where = _join(path, first_name)
+    unfused = _unfused_pair(first, then)
+    if unfused is not None:
+        report.skipped.append((where, unfused))
+    if not (isinstance(first, nn.BatchNorm2d) and type(then) is nn.ReLU):
+        return
+    why = _bn_relu_blocker(first, then, counts) or (None if once else "called more than once")
+    if why is not None:
+        report.skipped.append((where, f"BatchNorm2d -> ReLU: {why}"))
+        return
+    _swap_bn_relu(owner, first, then_name)
+    report.swaps.append((where, f"BatchNorm2d + ReLU ({_join(path, then_name)}) -> BatchNormReLU2d "
+                                "(the ReLU becomes torchfast.nn.AbsorbedReLU, an identity)"))
 
 
 def _fold_sequential(path: str, seq: nn.Sequential, counts: dict, report: ConversionReport) -> None:
@@ -165,23 +173,29 @@ def _fold_sequential(path: str, seq: nn.Sequential, counts: dict, report: Conver
 
 # -- BatchNorm2d -> ReLU module calls in a forward no block rewrite took (a model's own forward) ------
 
-def _traced_module_pairs(owner: nn.Module) -> list:
-    """(first target, then target, called once each) for each module call in owner's own forward whose
-    output only one other module call reads, as its single argument."""
-    graph = layout_plan.graph_of(owner)
-    if graph is None:
-        return []
+def _call_counts(graph: torch.fx.Graph) -> dict:
+    """How many times the traced forward calls each submodule (by target)."""
     calls: dict = {}
     for n in graph.nodes:
         if n.op == "call_module":
             calls[n.target] = calls.get(n.target, 0) + 1
+    return calls
+
+
+def _traced_module_pairs(owner: nn.Module) -> list:
+    """(first node, then node, both called once) for each module call in owner's own forward (traced,
+    every submodule a leaf) whose output only one other module call reads, as its single argument."""
+    graph = layout_plan.graph_of(owner)
+    if graph is None:
+        return []
+    calls = _call_counts(graph)
     pairs = []
     for first in graph.nodes:
         if first.op != "call_module" or len(first.users) != 1:
             continue
         then = next(iter(first.users))
         if then.op == "call_module" and then.args == (first,) and not then.kwargs:
-            pairs.append((first.target, then.target, calls[first.target] == 1 and calls[then.target] == 1))
+            pairs.append((first, then, calls[first.target] == 1 and calls[then.target] == 1))
     return pairs
 
 
@@ -195,21 +209,8 @@ def _convert_traced_bn_relu(model: nn.Module, report: ConversionReport) -> None:
         if _chains(owner) or type(owner).__module__.startswith("torch.") or \
                 isinstance(owner, torch.fx.GraphModule) or not any(_plain_bn(m) for m in owner.modules()):
             continue
-        for first_name, then_name, once in _traced_module_pairs(owner):
-            first, then = owner.get_submodule(first_name), owner.get_submodule(then_name)
-            where = _join(path, first_name)
-            unfused = _unfused_pair(first, then)
-            if unfused is not None:
-                report.skipped.append((where, unfused))
-            if not (isinstance(first, nn.BatchNorm2d) and type(then) is nn.ReLU):
-                continue
-            why = _bn_relu_blocker(first, then, counts) or (None if once else "called more than once")
-            if why is not None:
-                report.skipped.append((where, f"BatchNorm2d -> ReLU: {why}"))
-                continue
-            _swap_bn_relu(owner, first, then_name)
-            report.swaps.append((where, f"BatchNorm2d + ReLU ({_join(path, then_name)}) -> BatchNormReLU2d "
-                                        "(the ReLU becomes torchfast.nn.AbsorbedReLU, an identity)"))
+        for first, then, once in _traced_module_pairs(owner):
+            _consider_bn_relu(owner, path, first.target, then.target, report, counts, once)
 
 
 # -- nn.ReLU -> nn.MaxPool2d: a network's stem (torchvision's ResNet), VGG-style features -------------
@@ -241,24 +242,13 @@ def _swap_relu_pool(owner: nn.Module, relu_name: str, pool: nn.Module) -> None:
 def _traced_relu_pools(owner: nn.Module) -> list:
     """(relu target, pool target, why not or None) for each ReLU module call in owner's own forward
     whose output only a MaxPool2d module call reads, each module called once there."""
-    graph = layout_plan.graph_of(owner)
-    if graph is None:
-        return []
-    calls: dict = {}
-    for n in graph.nodes:
-        if n.op == "call_module":
-            calls[n.target] = calls.get(n.target, 0) + 1
     found = []
-    for relu in graph.nodes:
-        if relu.op != "call_module" or type(owner.get_submodule(relu.target)) is not nn.ReLU or \
-                len(relu.args) != 1 or relu.kwargs or len(relu.users) != 1:
-            continue
-        pool = next(iter(relu.users))
-        if pool.op != "call_module" or type(owner.get_submodule(pool.target)) is not nn.MaxPool2d or \
-                pool.args != (relu,) or pool.kwargs:
+    for relu, pool, once in _traced_module_pairs(owner):
+        if type(owner.get_submodule(relu.target)) is not nn.ReLU or len(relu.args) != 1 or relu.kwargs or \
+                type(owner.get_submodule(pool.target)) is not nn.MaxPool2d:
             continue
         why = None
-        if calls[relu.target] != 1 or calls[pool.target] != 1:
+        if not once:
             why = "the ReLU or the pool is called more than once"
         elif owner.get_submodule(relu.target).inplace and not (
                 isinstance(relu.args[0], torch.fx.Node) and len(relu.args[0].users) == 1):
@@ -333,10 +323,7 @@ def _rewrite_block(module: nn.Module) -> Optional[tuple]:
         gm = torch.fx.symbolic_trace(module)
     except Exception:  # data-dependent control flow and the like: left as it is
         return None
-    calls = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            calls[n.target] = calls.get(n.target, 0) + 1
+    calls = _call_counts(gm.graph)
     done = []
     for relu in list(gm.graph.nodes):
         if not _is_relu(relu, gm) or len(relu.args) != 1:
