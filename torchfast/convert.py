@@ -148,12 +148,20 @@ def _consider_bn_relu(owner: nn.Module, path: str, first_name: str, then_name: s
     if not (isinstance(first, nn.BatchNorm2d) and type(then) is nn.ReLU):
         return
     why = _bn_relu_blocker(first, then, counts) or (None if once else "called more than once")
+    _swap_or_skip(report, where, why, "BatchNorm2d -> ReLU", lambda: _swap_bn_relu(owner, first, then_name),
+                  f"BatchNorm2d + ReLU ({_join(path, then_name)}) -> BatchNormReLU2d")
+
+
+_ABSORBED = "(the ReLU becomes torchfast.nn.AbsorbedReLU, an identity)"
+
+
+def _swap_or_skip(report: ConversionReport, where: str, why: Optional[str], pair: str, swap, done: str) -> None:
+    """A candidate pair at `where`: left alone and reported with `why`, or swapped and reported as done."""
     if why is not None:
-        report.skipped.append((where, f"BatchNorm2d -> ReLU: {why}"))
+        report.skipped.append((where, f"{pair}: {why}"))
         return
-    _swap_bn_relu(owner, first, then_name)
-    report.swaps.append((where, f"BatchNorm2d + ReLU ({_join(path, then_name)}) -> BatchNormReLU2d "
-                                "(the ReLU becomes torchfast.nn.AbsorbedReLU, an identity)"))
+    swap()
+    report.swaps.append((where, f"{done} {_ABSORBED}"))
 
 
 def _fold_sequential(path: str, seq: nn.Sequential, counts: dict, report: ConversionReport) -> None:
@@ -278,13 +286,9 @@ def _convert_relu_pool(model: nn.Module, report: ConversionReport) -> None:
             why = why or _relu_pool_blocker(relu, pool, counts)
             if type(relu) is not nn.ReLU or type(pool) is not nn.MaxPool2d:
                 continue  # (swapped already, through another owner)
-            where = _join(path, relu_name)
-            if why is not None:
-                report.skipped.append((where, f"ReLU -> MaxPool2d: {why}"))
-                continue
-            _swap_relu_pool(owner, relu_name, pool)
-            report.swaps.append((where, f"ReLU + MaxPool2d ({_join(path, pool_name)}) -> ReLUMaxPool2d "
-                                        "(the ReLU becomes torchfast.nn.AbsorbedReLU, an identity)"))
+            _swap_or_skip(report, _join(path, relu_name), why, "ReLU -> MaxPool2d",
+                          lambda: _swap_relu_pool(owner, relu_name, pool),
+                          f"ReLU + MaxPool2d ({_join(path, pool_name)}) -> ReLUMaxPool2d")
 
 
 # -- blocks, by their traced forward ------------------------------------------------------------------

@@ -77,8 +77,9 @@ class PackedWeight:
 
     def get(self, weight: Tensor, x: Tensor, padding: Sequence[int], stride: Sequence[int],
             dilation: Sequence[int], groups: int):
-        if not self.applies(weight, x):
-            return weight
+        return self._packed(weight, x, padding, stride, dilation, groups) if self.applies(weight, x) else weight
+
+    def _packed(self, weight: Tensor, x: Tensor, padding, stride, dilation, groups) -> Tensor:
         key = (weight._version, weight.data_ptr(), tuple(x.shape), x.stride(), tuple(padding), tuple(stride),
                tuple(dilation), groups)
         entry = self.entry  # (one read: another thread may replace it meanwhile)
@@ -120,18 +121,13 @@ _choices: dict = {}  # geometry key -> "packed" | "planar"
 _forced: Optional[str] = None  # tests pin one path: "packed" or "planar"
 
 
-def _key(x: Tensor, weight: Tensor, residual: Optional[Tensor], kind: str, stride, padding, dilation, groups) -> tuple:
-    return (tuple(x.shape), x.dtype, tuple(weight.shape), residual is not None, kind, tuple(stride), tuple(padding),
-            tuple(dilation), groups, torch.get_num_threads())
+def _key(x: Tensor, weight: Tensor, kind: str, stride, padding, dilation, groups) -> tuple:
+    return (tuple(x.shape), x.dtype, tuple(weight.shape), kind, tuple(stride), tuple(padding), tuple(dilation),
+            groups, torch.get_num_threads())
 
 
-def _measured(key: tuple, packed_path, planar_path) -> Tensor:
-    choice = _forced or _choices.get(key)
-    if choice == "packed":
-        return packed_path()
-    if choice == "planar":
-        return planar_path()
-    paths = {"packed": packed_path, "planar": planar_path}
+def _measure(key: tuple, paths: dict) -> tuple:
+    """(output, name) of the faster of `paths` ({name: call}), recorded for `key`."""
     best = {name: math.inf for name in paths}
     out = {name: path() for name, path in paths.items()}  # warm-up: the packing, oneDNN's primitive set-up
     for _ in range(MEASURE_ROUNDS):
@@ -141,7 +137,7 @@ def _measured(key: tuple, packed_path, planar_path) -> Tensor:
             best[name] = min(best[name], time.perf_counter() - start)
     choice = min(best, key=best.get)
     _choices[key] = choice
-    return out[choice]
+    return out[choice], choice
 
 
 def chosen_paths() -> dict:
@@ -160,6 +156,38 @@ def _pointwise_add_relu(x: Tensor, residual: Tensor, w: Tensor, bias: Optional[T
         x, residual, w, bias, list(padding), list(stride), list(dilation), groups, "add", 1.0, "relu", [], "")
 
 
+def _inference_conv(inputs: tuple, weight: Tensor, conv_args: tuple, packed: Optional[PackedWeight], choose: bool,
+                    kind: str, call) -> Tensor:
+    """call(*inputs, w) with w the weight as the path wants it: as it is (no `packed`, or a case packing
+    does not serve), packed, or -- with `choose` -- the measured faster of packed and planar (the
+    inputs NCHW-contiguous, the output converted back to channels_last)."""
+    x = inputs[0]
+    stride, padding, dilation, groups = conv_args
+    if packed is None or not PackedWeight.applies(weight, x):
+        return call(*inputs, weight)
+
+    def packed_path():
+        return call(*inputs, packed._packed(weight, x, padding, stride, dilation, groups))
+
+    if not choose:
+        return packed_path()
+
+    def planar_path():
+        planar_inputs = tuple(t.contiguous() for t in inputs)
+        return call(*planar_inputs, packed.planar(weight)).contiguous(memory_format=torch.channels_last)
+
+    key = _key(x, weight, kind, *conv_args)
+    choice = _forced or _choices.get(key)
+    if choice is not None:
+        return packed_path() if choice == "packed" else planar_path()
+    out, choice = _measure(key, {"packed": packed_path, "planar": planar_path})
+    if choice == "packed":  # the measurement made both weights: keep only the one the chosen path reads
+        packed.planar_entry = None
+    else:
+        packed.entry = None
+    return out
+
+
 def conv2d_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
                 dilation: Sequence[int], groups: int, relu: bool, packed: Optional[PackedWeight] = None,
                 choose: bool = False) -> Tensor:
@@ -168,17 +196,8 @@ def conv2d_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Seque
     and the planar path (see above). torchfast's own modules do not choose: their networks keep the
     activations channels_last from the stem to the head, never converted between layers."""
     args = (stride, padding, dilation, groups)
-    if packed is None or not PackedWeight.applies(weight, x):
-        return _pointwise(x, weight, bias, *args, relu)
-    if not choose:
-        return _pointwise(x, packed.get(weight, x, padding, stride, dilation, groups), bias, *args, relu)
-    key = _key(x, weight, None, "relu" if relu else "none", *args)
-    out = _measured(key,
-                    lambda: _pointwise(x, packed.get(weight, x, padding, stride, dilation, groups), bias, *args, relu),
-                    lambda: _pointwise(x.contiguous(), packed.planar(weight), bias, *args, relu).contiguous(
-                        memory_format=torch.channels_last))
-    _drop_unchosen(key, packed)
-    return out
+    return _inference_conv((x,), weight, args, packed, choose, "relu" if relu else "none",
+                           lambda x_, w: _pointwise(x_, w, bias, *args, relu))
 
 
 def conv2d_add_relu(x: Tensor, residual: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
@@ -187,26 +206,5 @@ def conv2d_add_relu(x: Tensor, residual: Tensor, weight: Tensor, bias: Optional[
     """relu(conv2d(x) + residual) as one oneDNN call (check `usable` first); `packed` and `choose` as for
     conv2d_relu (the residual in the input's layout)."""
     args = (stride, padding, dilation, groups)
-    if packed is None or not PackedWeight.applies(weight, x):
-        return _pointwise_add_relu(x, residual, weight, bias, *args)
-    if not choose:
-        return _pointwise_add_relu(x, residual, packed.get(weight, x, padding, stride, dilation, groups), bias, *args)
-    key = _key(x, weight, residual, "add_relu", *args)
-    out = _measured(key,
-                    lambda: _pointwise_add_relu(x, residual, packed.get(weight, x, padding, stride, dilation, groups),
-                                                bias, *args),
-                    lambda: _pointwise_add_relu(x.contiguous(), residual.contiguous(), packed.planar(weight), bias,
-                                                *args).contiguous(memory_format=torch.channels_last))
-    _drop_unchosen(key, packed)
-    return out
-
-
-def _drop_unchosen(key: tuple, packed: PackedWeight) -> None:
-    # the measurement made both weights; keep only the one the chosen path reads (a pinned path keeps both)
-    if _forced is not None:
-        return
-    choice = _choices.get(key)
-    if choice == "packed" and packed.planar_entry is not None:
-        packed.planar_entry = None
-    elif choice == "planar" and packed.entry is not None:
-        packed.entry = None
+    return _inference_conv((x, residual), weight, args, packed, choose, "add_relu",
+                           lambda x_, r, w: _pointwise_add_relu(x_, r, w, bias, *args))
