@@ -206,7 +206,8 @@ def test_packed_weight_cache_rules():
 
 _GEOMETRIES = [  # in channels, out channels, kernel, stride, padding, groups, image
     (8, 16, 3, 1, 1, 1, (9, 7)), (6, 12, 3, 2, 1, 3, (17, 16)), (16, 24, 1, 1, 0, 1, (5, 6)),
-    (3, 8, 7, 2, 3, 1, (33, 31))]
+    (3, 8, 7, 2, 3, 1, (33, 31)),
+    (64, 32, 3, 1, 1, 1, (2, 3))]  # a map this small also has the dense path (_dense_conv)
 
 
 def _channels_last(*shape):
@@ -214,8 +215,8 @@ def _channels_last(*shape):
 
 
 @pytest.mark.skipif(not _onednn.CAN_PACK, reason="this torch has no mkldnn._reorder_convolution_weight")
-@pytest.mark.parametrize("path", ["packed", "planar"])
-def test_both_paths_match_torch_and_keep_channels_last(path, monkeypatch):
+@pytest.mark.parametrize("path", ["packed", "planar", "dense"])
+def test_every_path_matches_torch_and_keeps_channels_last(path, monkeypatch):
     monkeypatch.setattr(_onednn, "_forced", path)
     for cin, cout, k, stride, pad, groups, hw in _GEOMETRIES:
         x, w, b = _channels_last(4, cin, *hw), _channels_last(cout, cin // groups, k, k), torch.randn(cout)
@@ -258,13 +259,13 @@ def test_the_choice_is_measured_once_per_geometry_and_keeps_one_weight(monkeypat
 
 
 @pytest.mark.skipif(not _onednn.CAN_PACK, reason="this torch has no mkldnn._reorder_convolution_weight")
-@pytest.mark.parametrize("path", ["packed", "planar", None])
-def test_converted_resnet_is_the_original_on_either_path(path, monkeypatch):
+@pytest.mark.parametrize("path", ["packed", "planar", "dense", None])
+def test_converted_resnet_is_the_original_on_every_path(path, monkeypatch):
     monkeypatch.setattr(_onednn, "_forced", path)
     monkeypatch.setattr(_onednn, "_choices", {})
     net = _resnet18()
     fast = torchfast.convert(net)
-    x = torch.randn(8, 3, 64, 64)  # every convolution's input above MIN_NUMEL: all take oneDNN
+    x = torch.randn(8, 3, 64, 64)  # every convolution's input above MIN_NUMEL; layer4's maps 2x2 (dense)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), net(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(fast(x), net(x), rtol=1e-5, atol=1e-5)

@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from torchfast.nn import _dense_conv
 from torchfast.ops._registry import exporting
 from torchfast.reference.pool import is_channels_last
 from torchfast.sharded.dtensor import version_counters_track_contents
@@ -66,6 +67,7 @@ class PackedWeight:
     def __init__(self):
         self.entry = None  # (weight, key, packed weight), replaced whole: threads may share the module
         self.planar_entry = None  # (weight, key, the weight NCHW-contiguous) for the planar path, see below
+        self.dense_entry = None  # (weight, key, the convolution's matrix) for the dense path (_dense_conv)
 
     def __reduce__(self):
         return (PackedWeight, ())
@@ -103,22 +105,44 @@ class PackedWeight:
         self.planar_entry = (weight, key, planar)
         return planar
 
+    def dense(self, weight: Tensor, x: Tensor, conv_args: tuple) -> Tensor:
+        """The convolution's dense matrix for a channels_last input of x's geometry, built once."""
+        stride, padding, dilation, _ = conv_args
+        key = (weight._version, weight.data_ptr(), tuple(x.shape[2:]), tuple(stride), tuple(padding),
+               tuple(dilation))
+        entry = self.dense_entry
+        if entry is not None and entry[0] is weight and entry[1] == key:
+            return entry[2]
+        matrix = _dense_conv.dense_matrix(weight, x.shape[2:], stride, padding, dilation, channels_last=True)
+        self.dense_entry = (weight, key, matrix)
+        return matrix
 
-# -- which oneDNN path a channels_last inference convolution takes, measured ---------------------------
+    def keep_only(self, path: str) -> None:
+        """Drop the weights of the paths other than `path` ("packed" | "planar" | "dense")."""
+        if path != "packed":
+            self.entry = None
+        if path != "planar":
+            self.planar_entry = None
+        if path != "dense":
+            self.dense_entry = None
 
-# A channels_last inference convolution can run two ways: on the channels_last activations with the
-# pre-packed weight ("packed"), or converted to NCHW with the plain weight and its output converted back
-# ("planar": oneDNN then reorders the activations to its blocked layout itself). Which is faster depends
+
+# -- which path a channels_last inference convolution takes, measured ----------------------------------
+
+# A channels_last inference convolution can run two ways through oneDNN: on the channels_last
+# activations with the pre-packed weight ("packed"), or converted to NCHW with the plain weight and its
+# output converted back ("planar": oneDNN then reorders the activations to its blocked layout itself);
+# and, on a map about as small as the kernel's reach, as one dense GEMM ("dense", see _dense_conv). Which is faster depends
 # on the geometry and on the CPU, in both directions (ResNet-18, batch 16, 512 channels at 2x2: on an
 # Intel Xeon 3.3 ms packed, 2.6 ms planar; on an AMD EPYC the channels_last path needed the packed
 # weight to come down from 14.5 ms to 2.3 ms; 64 channels at 16x16 on the Intel host: packed 1.3 ms,
 # planar 1.6 ms). So, as cudnn.benchmark does for cuDNN's algorithms, the first call of each geometry
-# times both (interleaved, after one warm-up call each, the best of MEASURE_ROUNDS) and every later
-# call takes the faster. Both give the same values (up to the last bits of fp32 rounding); the output
-# keeps the input's layout either way.
+# times each (interleaved, after one warm-up call each, the best of MEASURE_ROUNDS) and every later
+# call takes the fastest. All give the same values (up to the last bits of fp32 rounding); the output
+# keeps the input's layout on every path.
 MEASURE_ROUNDS = 3
-_choices: dict = {}  # geometry key -> "packed" | "planar"
-_forced: Optional[str] = None  # tests pin one path: "packed" or "planar"
+_choices: dict = {}  # geometry key -> "packed" | "planar" | "dense"
+_forced: Optional[str] = None  # tests pin one path: "packed", "planar" or "dense" (where it applies)
 
 
 def _key(x: Tensor, weight: Tensor, kind: str, stride, padding, dilation, groups) -> tuple:
@@ -141,7 +165,7 @@ def _measure(key: tuple, paths: dict) -> tuple:
 
 
 def chosen_paths() -> dict:
-    """{geometry key: "packed" | "planar"}: what the measured choice picked so far in this process."""
+    """{geometry key: "packed" | "planar" | "dense"}: what the measured choice picked so far in this process."""
     return dict(_choices)
 
 
@@ -156,36 +180,56 @@ def _pointwise_add_relu(x: Tensor, residual: Tensor, w: Tensor, bias: Optional[T
         x, residual, w, bias, list(padding), list(stride), list(dilation), groups, "add", 1.0, "relu", [], "")
 
 
-def _inference_conv(inputs: tuple, weight: Tensor, conv_args: tuple, packed: Optional[PackedWeight], choose: bool,
-                    kind: str, call) -> Tensor:
-    """call(*inputs, w) with w the weight as the path wants it: as it is (no `packed`, or a case packing
-    does not serve), packed, or -- with `choose` -- the measured faster of packed and planar (the
-    inputs NCHW-contiguous, the output converted back to channels_last)."""
+def _inference_conv(inputs: tuple, weight: Tensor, bias: Optional[Tensor], conv_args: tuple,
+                    packed: Optional[PackedWeight], choose: bool, kind: str) -> Tensor:
+    """The post-op convolution `kind` ("none" | "relu" | "add_relu", inputs (x,) or (x, residual)) with
+    the weight as the path wants it: as it is (no `packed`, or a case packing does not serve), packed,
+    or -- with `choose` -- the measured fastest of packed, planar (the inputs NCHW-contiguous, the
+    output converted back to channels_last) and, where the map is small enough, the dense GEMM."""
     x = inputs[0]
     stride, padding, dilation, groups = conv_args
+
+    def call(call_inputs, w):
+        if kind == "add_relu":
+            return _pointwise_add_relu(*call_inputs, w, bias, *conv_args)
+        return _pointwise(*call_inputs, w, bias, *conv_args, kind == "relu")
+
     if packed is None or not PackedWeight.applies(weight, x):
-        return call(*inputs, weight)
+        return call(inputs, weight)
 
     def packed_path():
-        return call(*inputs, packed._packed(weight, x, padding, stride, dilation, groups))
+        return call(inputs, packed._packed(weight, x, padding, stride, dilation, groups))
 
     if not choose:
         return packed_path()
 
     def planar_path():
         planar_inputs = tuple(t.contiguous() for t in inputs)
-        return call(*planar_inputs, packed.planar(weight)).contiguous(memory_format=torch.channels_last)
+        return call(planar_inputs, packed.planar(weight)).contiguous(memory_format=torch.channels_last)
 
+    def dense_path():
+        residual = inputs[1] if kind == "add_relu" else None
+        return _dense_conv.conv2d(x, packed.dense(weight, x, conv_args), bias, _out_hw(x, weight, conv_args),
+                                  True, kind != "none", residual)
+
+    paths = {"packed": packed_path, "planar": planar_path, "dense": dense_path}
     key = _key(x, weight, kind, *conv_args)
     choice = _forced or _choices.get(key)
+    if _forced == "dense" and not _dense_conv.applies(x, weight, *conv_args):  # a test's pin, where it applies
+        choice = "packed"
     if choice is not None:
-        return packed_path() if choice == "packed" else planar_path()
-    out, choice = _measure(key, {"packed": packed_path, "planar": planar_path})
-    if choice == "packed":  # the measurement made both weights: keep only the one the chosen path reads
-        packed.planar_entry = None
-    else:
-        packed.entry = None
+        return paths[choice]()
+    if not _dense_conv.applies(x, weight, *conv_args):
+        del paths["dense"]
+    out, choice = _measure(key, paths)
+    packed.keep_only(choice)  # the measurement made every path's weight: keep the one the chosen path reads
     return out
+
+
+def _out_hw(x: Tensor, weight: Tensor, conv_args: tuple) -> tuple:
+    stride, padding, dilation, _ = conv_args
+    return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1
+                 for size, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation))
 
 
 def conv2d_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
@@ -196,8 +240,7 @@ def conv2d_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Seque
     and the planar path (see above). torchfast's own modules do not choose: their networks keep the
     activations channels_last from the stem to the head, never converted between layers."""
     args = (stride, padding, dilation, groups)
-    return _inference_conv((x,), weight, args, packed, choose, "relu" if relu else "none",
-                           lambda x_, w: _pointwise(x_, w, bias, *args, relu))
+    return _inference_conv((x,), weight, bias, args, packed, choose, "relu" if relu else "none")
 
 
 def conv2d_add_relu(x: Tensor, residual: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
@@ -206,5 +249,4 @@ def conv2d_add_relu(x: Tensor, residual: Tensor, weight: Tensor, bias: Optional[
     """relu(conv2d(x) + residual) as one oneDNN call (check `usable` first); `packed` and `choose` as for
     conv2d_relu (the residual in the input's layout)."""
     args = (stride, padding, dilation, groups)
-    return _inference_conv((x, residual), weight, args, packed, choose, "add_relu",
-                           lambda x_, r, w: _pointwise_add_relu(x_, r, w, bias, *args))
+    return _inference_conv((x, residual), weight, bias, args, packed, choose, "add_relu")
