@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize, prune
 
-from torchfast.nn import _onednn
+from torchfast.nn import _onednn, _train_conv
 from torchfast.nn.functional import batch_norm_add_relu
 from torchfast.sharded.dtensor import version_counters_track_contents
 from torchfast.ops._registry import exporting
@@ -134,7 +134,8 @@ class ConvBNReLU2d(nn.Sequential):
             out = torch.nn.functional.conv2d(input, weight, bias, conv.stride, conv.padding, conv.dilation,
                                              conv.groups)
             return out.relu_() if self.relu else out
-        return fused_batch_norm(bn, conv(input), None, relu=self.relu)
+        out = _train_conv.conv2d(conv, input, conv) if type(conv) is nn.Conv2d else conv(input)
+        return fused_batch_norm(bn, out, None, relu=self.relu)
 
     def train(self, mode: bool = True):
         self._folded = FoldedConvBN()  # a mode switch drops the folded weights
@@ -273,7 +274,8 @@ def conv_bn_relu(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[T
             or (x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type))
             or (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in conv.parameters())
                                             or any(p.requires_grad for p in bn.parameters())))):
-        out = conv(x)
+        # small output maps in training: maybe through im2col (measured, see _train_conv)
+        out = _train_conv.conv2d(conv, x, conv) if not hooked and type(conv) is nn.Conv2d else conv(x)
         return bn(out) if residual is None else bn(out, residual)
     folded = bn.__dict__.get("_torchfast_folded")
     if folded is None:
