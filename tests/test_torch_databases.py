@@ -31,15 +31,17 @@ def _sdpa_samples(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_sdpa_on_torchs_sample_inputs(dtype):
-    checked = 0
-    for s in _sdpa_samples(dtype):
+def test_sdpa_on_torchs_sample_inputs(dtype, record_property):
+    checked = shapes_only = 0
+    samples = _sdpa_samples(dtype)
+    for s in samples:
         q, k, v = s.input, *s.args[:2]
         kwargs = dict(s.kwargs)
         want = torch.nn.functional.scaled_dot_product_attention(q, k, v, *s.args[2:], **kwargs)
         got = torchfast.nn.functional.scaled_dot_product_attention(q, k, v, *s.args[2:], **kwargs)
         assert got.shape == want.shape and got.dtype == want.dtype
         if kwargs.get("dropout_p", 0.0) > 0.0:
+            shapes_only += 1
             continue  # a different (equally distributed) dropout mask: shapes only
         shapes = f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, {kwargs}"
         _rel_close(got, want, dtype, shapes)
@@ -47,7 +49,8 @@ def test_sdpa_on_torchs_sample_inputs(dtype):
         for name, a, b in zip("qkv", torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
             _rel_close(a, b, dtype, f"grad {name} of {shapes}")
         checked += 1
-    assert checked >= 10
+    record_property("checked", f"{checked}/{len(samples)}, {shapes_only} with dropout: shape and dtype only")
+    assert checked + shapes_only == len(samples) and checked >= 10
 
 
 def _module_inputs(cls, dtype, training):
@@ -60,11 +63,12 @@ def _tensors(args):
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_multihead_attention_on_torchs_module_inputs(training):
+def test_multihead_attention_on_torchs_module_inputs(training, record_property):
     """The flash path (need_weights=False) on every module_db input: outputs and gradients of
     inputs and parameters, fp64."""
     checked = 0
-    for mi in _module_inputs(torch.nn.MultiheadAttention, torch.float64, training):
+    inputs = _module_inputs(torch.nn.MultiheadAttention, torch.float64, training)
+    for mi in inputs:
         args, kwargs = mi.constructor_input.args, mi.constructor_input.kwargs
         if training and kwargs.get("dropout", 0.0):
             continue
@@ -83,6 +87,7 @@ def test_multihead_attention_on_torchs_module_inputs(training):
             if a is not None or b is not None:
                 torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
         checked += 1
+    record_property("checked", f"{checked}/{len(inputs)}")
     assert checked >= 32
 
 
@@ -98,11 +103,12 @@ def _same_outputs_gradients_statistics(got, want, ours, ref, inputs):
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_batchnorm_relu_on_torchs_batchnorm2d_inputs(training):
+def test_batchnorm_relu_on_torchs_batchnorm2d_inputs(training, record_property):
     """BatchNormReLU2d against relu(nn.BatchNorm2d) on module_db's BatchNorm2d inputs (momentum None,
     affine off, no running statistics included): outputs, gradients, running statistics."""
     checked = 0
-    for mi in _module_inputs(torch.nn.BatchNorm2d, torch.float64, training):
+    inputs = _module_inputs(torch.nn.BatchNorm2d, torch.float64, training)
+    for mi in inputs:
         args, kwargs = mi.constructor_input.args, mi.constructor_input.kwargs
         (x,) = mi.forward_input.args
         ref = torch.nn.BatchNorm2d(*args, **kwargs).double().train(training)
@@ -111,15 +117,17 @@ def test_batchnorm_relu_on_torchs_batchnorm2d_inputs(training):
         want, got = torch.relu(ref(x)), ours(x)
         _same_outputs_gradients_statistics(got, want, ours, ref, [x])
         checked += 1
+    record_property("checked", f"{checked}/{len(inputs)}")
     assert checked >= 4
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_batchnorm_add_relu_on_torchs_batchnorm2d_inputs(training):
+def test_batchnorm_add_relu_on_torchs_batchnorm2d_inputs(training, record_property):
     """BatchNormAddReLU2d against relu(nn.BatchNorm2d(x) + residual) on module_db's BatchNorm2d inputs:
     outputs, gradients (the residual's too), running statistics."""
     checked = 0
-    for mi in _module_inputs(torch.nn.BatchNorm2d, torch.float64, training):
+    inputs = _module_inputs(torch.nn.BatchNorm2d, torch.float64, training)
+    for mi in inputs:
         args, kwargs = mi.constructor_input.args, mi.constructor_input.kwargs
         (x,) = mi.forward_input.args
         residual = torch.randn(x.shape, dtype=x.dtype).requires_grad_()
@@ -129,6 +137,7 @@ def test_batchnorm_add_relu_on_torchs_batchnorm2d_inputs(training):
         want, got = torch.relu(ref(x) + residual), ours(x, residual)
         _same_outputs_gradients_statistics(got, want, ours, ref, [x, residual])
         checked += 1
+    record_property("checked", f"{checked}/{len(inputs)}")
     assert checked >= 4
 
 
@@ -139,7 +148,7 @@ OPTIM_INFOS = [info for info in optim_db if info.optim_cls in DROP_INS]
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("info", OPTIM_INFOS, ids=lambda i: i.optim_cls.__name__)
-def test_optimizers_on_torchs_configs(info, dtype):
+def test_optimizers_on_torchs_configs(info, dtype, record_property):
     """Every optim_db config (lr as float or Tensor, weight decay, amsgrad, maximize, nesterov, ...):
     five steps from the same parameters and gradients, torchfast vs torch."""
     tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
@@ -160,6 +169,7 @@ def test_optimizers_on_torchs_configs(info, dtype):
             opt_o.step()
         for a, b in zip(theirs, ours):
             torch.testing.assert_close(b, a, **tol, msg=f"{info.optim_cls.__name__} {config.desc}")
+    record_property("checked", f"{len(configs)}/{len(configs)}")
 
 
 # optim_db error inputs that torchfast accepts on purpose: its step is always one fused kernel, which
@@ -171,9 +181,10 @@ ACCEPTED_ON_PURPOSE = ("lr as a Tensor is not supported for capturable=False and
 
 
 @pytest.mark.parametrize("info", OPTIM_INFOS, ids=lambda i: i.optim_cls.__name__)
-def test_optimizer_error_inputs_raise_as_torch_does(info):
+def test_optimizer_error_inputs_raise_as_torch_does(info, record_property):
     params = lambda: [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
-    for error in info.optim_error_inputs_func(device="cpu", dtype=torch.float32):
+    errors = info.optim_error_inputs_func(device="cpu", dtype=torch.float32)
+    for error in errors:
         spec = error.optimizer_error_input
         cls = DROP_INS[info.optim_cls]
         if error.error_regex in ACCEPTED_ON_PURPOSE:
@@ -201,32 +212,39 @@ def test_optimizer_error_inputs_raise_as_torch_does(info):
             if error.error_on == OptimizerErrorEnum.STEP_ERROR:
                 opt.step()
         assert re.compile(error.error_regex)
+    record_property("checked", f"{len(errors)}/{len(errors)}")
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_conv_bn_relu_on_torchs_conv2d_inputs(training):
+def test_conv_bn_relu_on_torchs_conv2d_inputs(training, record_property):
     """ConvBNReLU2d against nn.Sequential(Conv2d, BatchNorm2d, ReLU) on module_db's batched Conv2d
     inputs (strides, paddings, padding modes, dilation, groups), with and without grad (eval without
     grad takes the folded path)."""
     checked = 0
-    for mi in _module_inputs(torch.nn.Conv2d, torch.float64, training):
+    inputs = _module_inputs(torch.nn.Conv2d, torch.float64, training)
+    for mi in inputs:
         args, kwargs = mi.constructor_input.args, mi.constructor_input.kwargs
         (x,) = mi.forward_input.args
-        if x.dim() != 4:
-            continue  # unbatched: BatchNorm2d takes 4-D input only
         torch.manual_seed(0)
         conv = torch.nn.Conv2d(*args, **kwargs).double()
         ref = torch.nn.Sequential(conv, torch.nn.BatchNorm2d(conv.out_channels).double(), torch.nn.ReLU())
         ours = torchfast.nn.ConvBNReLU2d(*args, **kwargs).double()
         ours.load_state_dict(ref.state_dict())
         ours.train(training), ref.train(training)
+        if x.dim() != 4:  # unbatched: BatchNorm2d takes 4-D input only, and both stacks say so
+            for stack in (ref, ours):
+                with pytest.raises(ValueError, match=r"expected 4D input \(got 3D input\)"):
+                    stack(x)
+            checked += 1
+            continue
         with torch.no_grad():
             torch.testing.assert_close(ours(x), ref(x), rtol=1e-9, atol=1e-9)
         x = x.detach().requires_grad_()
         want, got = ref(x), ours(x)
         _same_outputs_gradients_statistics(got, want, ours, ref, [x])
         checked += 1
-    assert checked >= 2
+    record_property("checked", f"{checked}/{len(inputs)}")
+    assert checked == len(inputs)
 
 
 @pytest.mark.parametrize("cls", [torchfast.optim.Adam, torchfast.optim.AdamW], ids=lambda c: c.__name__)
