@@ -160,3 +160,27 @@ def test_converted_resnet_trains_like_the_original_on_either_path(monkeypatch):
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5 * p.grad.abs().max().item(), msg=name)
         for (name, a), b in zip(net.named_buffers(), fast.buffers()):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_no_measurement_under_saved_tensor_hooks_or_inside_a_backward(monkeypatch):
+    """torch.utils.checkpoint and save_on_cpu would take the measurement's saved tensors for their own;
+    a reentrant checkpoint recomputes its forward inside the backward: there the call takes torch's
+    convolution, and a later call measures."""
+    monkeypatch.setattr(_train_conv, "_choices", {})
+    conv, x = _conv_and_input()
+    with torch.autograd.graph.save_on_cpu():
+        out = _train_conv.conv2d(conv, x, conv)
+    assert not _train_conv.chosen_paths()
+    torch.testing.assert_close(out, conv(x))
+    for reentrant in (True, False):
+        x.grad = None
+        y = torch.utils.checkpoint.checkpoint(lambda t: _train_conv.conv2d(conv, t, conv).square().sum(), x,
+                                              use_reentrant=reentrant)
+        y.backward()  # (a reentrant checkpoint takes .backward() only)
+        torch.testing.assert_close(x.grad, torch.autograd.grad(conv(x).square().sum(), x)[0])
+        assert not _train_conv.chosen_paths()
+    _train_conv.conv2d(conv, x, conv)
+    assert len(_train_conv.chosen_paths()) == 1
+    instance_forward, _ = _conv_and_input()
+    instance_forward.forward = lambda t: torch.zeros(1)  # an instance-level forward: the module call
+    assert not _train_conv.candidate(instance_forward, x)

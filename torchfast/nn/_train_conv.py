@@ -38,13 +38,13 @@ def _out_hw(x: Tensor, conv: nn.Conv2d) -> tuple:
 
 
 def candidate(conv: nn.Conv2d, x: Tensor) -> bool:
-    """Whether this training call of `conv` (an nn.Conv2d whose forward is nn.Conv2d's: the caller's
-    check) is one the im2col path serves and is worth measuring for: zero padding, no groups, a 4D CPU
+    """Whether this training call of `conv` (an nn.Conv2d whose class's forward is nn.Conv2d's: the
+    caller's check; none set on the instance) is one the im2col path serves and is worth measuring for: zero padding, no groups, a 4D CPU
     fp32 input whose output map is small, plain tensors, a gradient to compute, no global module hooks
     (which the module call would fire), outside autocast, compilation, export, tracing and torch.func
     transforms."""
     hooks = nn.modules.module
-    if not (conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+    if not ("forward" not in conv.__dict__ and conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
             and type(x) is Tensor and type(conv.weight) in (nn.Parameter, Tensor) and x.dim() == 4
             and x.device.type == "cpu" and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
             and torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
@@ -110,8 +110,19 @@ def conv2d(conv: nn.Conv2d, x: Tensor, plain: Callable[[Tensor], Tensor]) -> Ten
     paths = {"conv": lambda x_, w, b: F.conv2d(x_, w, b, *args),
              "im2col": lambda x_, w, b: im2col_conv2d(x_, w, b, *args, out_hw)}
     key = _key(conv, x)
-    choice = _forced or _choices.get(key) or _measure(key, paths, x, conv)
+    choice = _forced or _choices.get(key)
+    if choice is None:
+        choice = _measure(key, paths, x, conv) if _can_measure() else "conv"
     return paths[choice](x, conv.weight, conv.bias)
+
+
+def _can_measure() -> bool:
+    """Whether a forward + backward on copies may run here: not inside a backward (a reentrant
+    checkpoint's recomputation) and not under saved-tensor hooks (torch.utils.checkpoint,
+    save_on_cpu), which would take the copies' saved tensors for their own. Elsewhere the call takes
+    torch's convolution and the measurement waits for a later call."""
+    return (torch._C._current_graph_task_id() == -1
+            and torch._C._autograd._top_saved_tensors_default_hooks(False) is None)
 
 
 def chosen_paths() -> dict:
