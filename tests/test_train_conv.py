@@ -71,6 +71,11 @@ def test_the_choice_is_measured_once_per_geometry(monkeypatch):
     assert all(c is not x for c in calls[:measured])  # measured on copies
     torch.testing.assert_close(out, conv(x), rtol=1e-5, atol=1e-5)
     assert conv.weight.grad is None and x.grad is None  # the measurement touched no real tensor's gradient
+    monkeypatch.setattr(_train_conv, "_choices", {})
+    state = torch.get_rng_state()
+    _train_conv.conv2d(conv, x, conv)
+    assert torch.equal(torch.get_rng_state(), state)  # nor the random stream (dropout after it stays the same)
+    (choice,) = _train_conv.chosen_paths().values()
     calls.clear()
     _train_conv.conv2d(conv, x, conv)
     assert len(calls) == (choice == "im2col")  # the chosen path only
