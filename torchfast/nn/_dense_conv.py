@@ -23,13 +23,19 @@ MIN_DENSITY = 0.75  # below it the matrix multiplies more zeros than a direct co
 MAX_BYTES = 64 << 20  # the matrix is kept beside the weight: bound what that costs
 
 
+def conv_out_hw(in_hw: Sequence[int], kernel_hw: Sequence[int], stride, padding, dilation) -> tuple:
+    """A convolution's output map size (Ho, Wo)."""
+    return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1
+                 for size, k, s, p, d in zip(in_hw, kernel_hw, stride, padding, dilation))
+
+
 @functools.lru_cache(maxsize=256)
 def tap_table(in_hw: tuple, kernel_hw: tuple, stride: tuple, padding: tuple, dilation: tuple) -> Tensor:
     """[Ho*Wo, H*W] int64: the kernel tap (kh * kw index) joining output pixel p and input pixel q, or
     kh*kw where no tap joins them (the row-major pixel order of both maps)."""
     per_dim = []
-    for size, k, s, pad, d in zip(in_hw, kernel_hw, stride, padding, dilation):
-        out_size = (size + 2 * pad - d * (k - 1) - 1) // s + 1
+    out_hw = conv_out_hw(in_hw, kernel_hw, stride, padding, dilation)
+    for size, out_size, k, s, pad, d in zip(in_hw, out_hw, kernel_hw, stride, padding, dilation):
         offset = torch.arange(size)[None, :] - torch.arange(out_size)[:, None] * s + pad  # [out, in]
         valid = (offset >= 0) & (offset % d == 0) & (offset // d < k)
         per_dim.append((torch.where(valid, offset // d, 0), valid))

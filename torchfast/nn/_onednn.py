@@ -8,14 +8,12 @@ callers fall back to F.conv2d otherwise.
 """
 from __future__ import annotations
 
-import math
-import time
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from torchfast.nn import _dense_conv
+from torchfast.nn import _dense_conv, _measured
 from torchfast.ops._registry import exporting
 from torchfast.reference.pool import is_channels_last
 from torchfast.sharded.dtensor import version_counters_track_contents
@@ -151,15 +149,8 @@ def _key(x: Tensor, weight: Tensor, kind: str, stride, padding, dilation, groups
 
 
 def _measure(key: tuple, paths: dict) -> tuple:
-    """(output, name) of the faster of `paths` ({name: call}), recorded for `key`."""
-    best = {name: math.inf for name in paths}
-    out = {name: path() for name, path in paths.items()}  # warm-up: the packing, oneDNN's primitive set-up
-    for _ in range(MEASURE_ROUNDS):
-        for name, path in paths.items():
-            start = time.perf_counter()
-            out[name] = path()
-            best[name] = min(best[name], time.perf_counter() - start)
-    choice = min(best, key=best.get)
+    """(output, name) of the fastest of `paths` ({name: call}), recorded for `key`."""
+    choice, out = _measured.fastest(paths, MEASURE_ROUNDS)
     _choices[key] = choice
     return out[choice], choice
 
@@ -209,8 +200,8 @@ def _inference_conv(inputs: tuple, weight: Tensor, bias: Optional[Tensor], conv_
 
     def dense_path():
         residual = inputs[1] if kind == "add_relu" else None
-        return _dense_conv.conv2d(x, packed.dense(weight, x, conv_args), bias, _out_hw(x, weight, conv_args),
-                                  True, kind != "none", residual)
+        out_hw = _dense_conv.conv_out_hw(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+        return _dense_conv.conv2d(x, packed.dense(weight, x, conv_args), bias, out_hw, True, kind != "none", residual)
 
     paths = {"packed": packed_path, "planar": planar_path, "dense": dense_path}
     key = _key(x, weight, kind, *conv_args)
@@ -224,12 +215,6 @@ def _inference_conv(inputs: tuple, weight: Tensor, bias: Optional[Tensor], conv_
     out, choice = _measure(key, paths)
     packed.keep_only(choice)  # the measurement made every path's weight: keep the one the chosen path reads
     return out
-
-
-def _out_hw(x: Tensor, weight: Tensor, conv_args: tuple) -> tuple:
-    stride, padding, dilation, _ = conv_args
-    return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1
-                 for size, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation))
 
 
 def conv2d_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],

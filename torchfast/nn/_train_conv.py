@@ -13,14 +13,13 @@ graphs of torch ops: double backward, DDP and anomaly mode see nothing unusual.
 """
 from __future__ import annotations
 
-import math
-import time
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torchfast.nn import _dense_conv, _measured
 from torchfast.ops._registry import autograd_transforms_active, exporting
 from torchfast.reference.pool import is_channels_last
 
@@ -32,29 +31,34 @@ _choices: dict = {}  # geometry key -> "conv" | "im2col"
 _forced: Optional[str] = None  # tests pin one path
 
 
-def _out_hw(x: Tensor, conv: nn.Conv2d) -> tuple:
-    return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1
-                 for size, k, s, p, d in zip(x.shape[2:], conv.kernel_size, conv.stride, conv.padding, conv.dilation))
-
-
 def candidate(conv: nn.Conv2d, x: Tensor) -> bool:
     """Whether this training call of `conv` (an nn.Conv2d whose class's forward is nn.Conv2d's: the
-    caller's check; none set on the instance) is one the im2col path serves and is worth measuring for: zero padding, no groups, a 4D CPU
-    fp32 input whose output map is small, plain tensors, a gradient to compute, no global module hooks
-    (which the module call would fire), outside autocast, compilation, export, tracing and torch.func
-    transforms."""
+    caller's check; none set on the instance) is one the im2col path serves and is worth measuring for:
+    zero padding, no groups, a 4D CPU fp32 input whose output map is small, plain tensors, a gradient
+    to compute, no global module hooks (which the module call would fire), outside autocast,
+    compilation, export, tracing and torch.func transforms."""
+    return _served_out_hw(conv, x) is not None
+
+
+def _served_out_hw(conv: nn.Conv2d, x: Tensor) -> Optional[tuple]:
+    """The output map size where `candidate` holds, else None. The cheap tests first: every training
+    convolution comes through here, and most are rejected by their map size."""
+    if not (type(x) is Tensor and x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32
+            and conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)):
+        return None
+    out_hw = _dense_conv.conv_out_hw(x.shape[2:], conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+    if not 0 < out_hw[0] * out_hw[1] <= MAX_OUT_PIXELS:
+        return None
     hooks = nn.modules.module
-    if not ("forward" not in conv.__dict__ and conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
-            and type(x) is Tensor and type(conv.weight) in (nn.Parameter, Tensor) and x.dim() == 4
-            and x.device.type == "cpu" and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
+    if not ("forward" not in conv.__dict__ and type(conv.weight) in (nn.Parameter, Tensor)
+            and conv.weight.dtype == torch.float32
             and torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling() and not exporting()
             and not torch.jit.is_tracing() and not autograd_transforms_active()
             and not (hooks._global_forward_hooks or hooks._global_forward_pre_hooks
                      or hooks._global_backward_hooks or hooks._global_backward_pre_hooks)):
-        return False
-    ho, wo = _out_hw(x, conv)
-    return 0 < ho * wo <= MAX_OUT_PIXELS
+        return None
+    return out_hw
 
 
 def im2col_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation,
@@ -67,11 +71,11 @@ def im2col_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, pad
     matrix = weight.reshape(c_out, -1).t()
     flat = torch.mm(rows, matrix) if bias is None else torch.addmm(bias, rows, matrix)
     out = flat.view(n, ho, wo, c_out).permute(0, 3, 1, 2)  # channels_last memory
-    return out if is_channels_last(x) and not x.is_contiguous() else out.contiguous()
+    return out if is_channels_last(x) else out.contiguous()
 
 
 def _key(conv: nn.Conv2d, x: Tensor) -> tuple:
-    return (tuple(x.shape), is_channels_last(x) and not x.is_contiguous(), tuple(conv.weight.shape),
+    return (tuple(x.shape), is_channels_last(x), tuple(conv.weight.shape),
             conv.bias is None, conv.stride, conv.padding, conv.dilation, torch.get_num_threads())
 
 
@@ -80,22 +84,15 @@ def _measure(key: tuple, paths: dict, x: Tensor, conv: nn.Conv2d) -> str:
     xs = x.detach().clone().requires_grad_(x.requires_grad)
     ws = conv.weight.detach().clone().requires_grad_(conv.weight.requires_grad)
     bs = None if conv.bias is None else conv.bias.detach().clone().requires_grad_(conv.bias.requires_grad)
-    grad = None
-    best = {name: math.inf for name in paths}
-    for round_ in range(1 + MEASURE_ROUNDS):  # round 0 warms up
-        for name, path in paths.items():
-            xs.grad = ws.grad = None
-            if bs is not None:
-                bs.grad = None
-            start = time.perf_counter()
-            out = path(xs, ws, bs)
-            if grad is None:  # (not random: the caller's random stream stays as it was)
-                grad = torch.ones_like(out)
-            out.backward(grad)
-            elapsed = time.perf_counter() - start
-            if round_:
-                best[name] = min(best[name], elapsed)
-    choice = min(best, key=best.get)
+
+    def step(path):
+        xs.grad = ws.grad = None
+        if bs is not None:
+            bs.grad = None
+        out = path(xs, ws, bs)
+        out.backward(torch.ones_like(out))  # (not random: the caller's random stream stays as it was)
+
+    choice, _ = _measured.fastest({name: (lambda p=path: step(p)) for name, path in paths.items()}, MEASURE_ROUNDS)
     _choices[key] = choice
     return choice
 
@@ -103,9 +100,9 @@ def _measure(key: tuple, paths: dict, x: Tensor, conv: nn.Conv2d) -> str:
 def conv2d(conv: nn.Conv2d, x: Tensor, plain: Callable[[Tensor], Tensor]) -> Tensor:
     """conv's output for x in training: through im2col where `candidate` and the measurement say so,
     else plain(x) (the module call, or nn.Conv2d's forward)."""
-    if not candidate(conv, x):
+    out_hw = _served_out_hw(conv, x)
+    if out_hw is None:
         return plain(x)
-    out_hw = _out_hw(x, conv)
     args = (conv.stride, conv.padding, conv.dilation)
     paths = {"conv": lambda x_, w, b: F.conv2d(x_, w, b, *args),
              "im2col": lambda x_, w, b: im2col_conv2d(x_, w, b, *args, out_hw)}

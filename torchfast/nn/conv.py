@@ -27,7 +27,7 @@ class Conv2d(nn.Conv2d):
         # (NCHW inputs too: the packed path answers in channels_last, see PackedWeight)
         if torch.is_grad_enabled() and isinstance(input, Tensor):  # small output maps: maybe im2col
             return _train_conv.conv2d(self, input, super().forward)
-        if torch.is_grad_enabled() or not isinstance(input, Tensor) or self.padding_mode != "zeros" or \
+        if not isinstance(input, Tensor) or self.padding_mode != "zeros" or \
                 not _onednn.CAN_PACK or not _onednn.usable(input, self.weight, self.padding) or \
                 not is_channels_last(input) or \
                 torch.is_autocast_enabled("cpu") or autograd_transforms_active():
